@@ -1,0 +1,5 @@
+"""fdconv_zoo: Frequency Dynamic Convolution (FDConv, CVPR 2025) layers and timm models."""
+from .layers import FDConv2d, FDLinear
+
+__version__ = '0.1.0'
+__all__ = ['FDConv2d', 'FDLinear', '__version__']

@@ -1,0 +1,10 @@
+"""Math-only FDConv building blocks: FDW, KSM, FBM and the layers that compose them."""
+from .fbm import FBM, low_pass_masks
+from .fdconv import FDConv2d, FDLinear
+from .fdw import FourierDisjointWeight, matrix_to_weight, radial_grouping, weight_to_matrix
+from .ksm import GlobalAttention, KSMGlobal, KSMLocal, local_kernel_size
+
+__all__ = [
+    'FBM', 'FDConv2d', 'FDLinear', 'FourierDisjointWeight', 'GlobalAttention', 'KSMGlobal', 'KSMLocal',
+    'local_kernel_size', 'low_pass_masks', 'matrix_to_weight', 'radial_grouping', 'weight_to_matrix',
+]

@@ -1,0 +1,113 @@
+"""Fourier Disjoint Weight (FDW), from "Frequency Dynamic Convolution for Dense Image Prediction" (CVPR 2025).
+
+The learnable parameter is the 2-D real FFT of the dense kernel seen as a (Cout*k, Cg*k) matrix. Its bins are
+split into ``n`` groups by radial frequency; a per-sample attention value per group scales each group, and the
+inverse FFT gives the per-sample kernel. With every attention value equal to 1 the kernel is the dense one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def weight_to_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """(..., Cout, Cg, k, k) -> (..., Cout*k, Cg*k): row o*k+u, column i*k+v (the paper's weight-matrix view)."""
+    *lead, cout, cg, k, _ = weight.shape
+    return weight.transpose(-3, -2).reshape(*lead, cout * k, cg * k)
+
+
+def matrix_to_weight(matrix: torch.Tensor, out_channels: int, kernel_size: int) -> torch.Tensor:
+    """Inverse of :func:`weight_to_matrix`; returns a (non-contiguous) view (..., Cout, Cg, k, k)."""
+    *lead, rows, cols = matrix.shape
+    k = kernel_size
+    return matrix.view(*lead, out_channels, k, cols // k, k).transpose(-3, -2)
+
+
+def radial_grouping(rows: int, cols: int, num_groups: int, device: torch.device | None = None) -> torch.Tensor:
+    """Group index of every bin of a (rows, cols//2+1) half spectrum, lowest radial frequencies in group 0.
+
+    Bins are ordered by radius with a stable sort (ties by flat index r*C + c), so the grouping is the same on
+    every build; the ordered list is cut into ``num_groups`` contiguous runs whose sizes differ by at most one.
+    """
+    fr = torch.fft.fftfreq(rows, dtype=torch.float64)
+    fc = torch.fft.rfftfreq(cols, dtype=torch.float64)
+    radius = (fr[:, None] ** 2 + fc[None, :] ** 2).flatten()
+    num_bins = radius.numel()
+    if not 1 <= num_groups <= num_bins:
+        raise ValueError(
+            f"number of frequency groups n={num_groups} must be between 1 and the {num_bins} spectral bins "
+            f"of a ({rows}, {cols}) weight matrix")
+    order = torch.argsort(radius, stable=True)
+    group_of_rank = torch.arange(num_bins, dtype=torch.int64) * num_groups // num_bins
+    group = torch.empty(num_bins, dtype=torch.int64)
+    group[order] = group_of_rank
+    return group.view(rows, cols // 2 + 1).to(device)
+
+
+class FourierDisjointWeight(nn.Module):
+    """Kernel stored as its half spectrum; synthesises per-sample kernels from per-group attention.
+
+    ``spectrum`` is ``rfft2`` of the weight matrix (norm "backward") as real/imag pairs, shape (R, C, 2);
+    ``group_of_bin`` (R, C) is a persistent buffer so that a non-default grouping (e.g. a reference
+    checkpoint's) travels with the weights.
+    """
+
+    def __init__(
+            self,
+            out_channels: int,
+            in_channels_per_group: int,
+            kernel_size: int,
+            num_groups: int = 64,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.out_channels = out_channels
+        self.in_channels_per_group = in_channels_per_group
+        self.kernel_size = kernel_size
+        self.num_groups = num_groups
+        self.rows = out_channels * kernel_size
+        self.cols = in_channels_per_group * kernel_size
+        self.spectrum = nn.Parameter(torch.empty(self.rows, self.cols // 2 + 1, 2, **dd))
+        group = radial_grouping(self.rows, self.cols, num_groups)
+        self.register_buffer('group_of_bin', group.to(device=device), persistent=True)
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        k = self.kernel_size
+        return self.out_channels, self.in_channels_per_group, k, k
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Set the spectrum from a dense (Cout, Cg, k, k) weight; the FFT runs in float64 so it is exact."""
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"dense weight has shape {tuple(weight.shape)}, expected {self.weight_shape}")
+        spec = torch.fft.rfft2(weight_to_matrix(weight.double()))
+        self.spectrum.copy_(torch.view_as_real(spec).to(self.spectrum.dtype))
+
+    @torch.no_grad()
+    def set_grouping(self, group_of_bin: torch.Tensor) -> None:
+        """Use a given bin -> group map (R, C) instead of the radial one."""
+        shape = tuple(self.group_of_bin.shape)
+        if tuple(group_of_bin.shape) != shape:
+            raise ValueError(f"grouping has shape {tuple(group_of_bin.shape)}, expected {shape}")
+        if group_of_bin.min() < 0 or group_of_bin.max() >= self.num_groups:
+            raise ValueError(f"grouping holds group ids outside [0, {self.num_groups})")
+        self.group_of_bin.copy_(group_of_bin)
+
+    def static_weight(self) -> torch.Tensor:
+        """The dense kernel the spectrum represents (all group attentions equal to 1)."""
+        spec = torch.view_as_complex(self.spectrum.float())
+        matrix = torch.fft.irfft2(spec, s=(self.rows, self.cols))
+        return matrix_to_weight(matrix, self.out_channels, self.kernel_size).contiguous()
+
+    def forward(self, kernel_attention: torch.Tensor) -> torch.Tensor:
+        """(B, n) attention per group -> per-sample weight matrices (B, Cout*k, Cg*k), float32."""
+        # real/imag pairs times a real scale: no complex promotion of the (B, R, C) attention map
+        scale = kernel_attention.float()[:, self.group_of_bin].unsqueeze(-1)
+        spec = torch.view_as_complex(self.spectrum.float() * scale)
+        return torch.fft.irfft2(spec, s=(self.rows, self.cols))
+
+    def extra_repr(self) -> str:
+        return f"weight_shape={self.weight_shape}, num_groups={self.num_groups}"

@@ -1,0 +1,139 @@
+"""Kernel Spatial Modulation (KSM), from "Frequency Dynamic Convolution for Dense Image Prediction" (CVPR 2025).
+
+Both branches read the per-sample mean of the input, shape (B, Cin). The global branch gives channel, filter,
+spatial and frequency-group (kernel) attention; the local branch gives one factor per weight element. Every
+head starts at the identity (all factors 1), so a layer converted from a dense one is exact at step 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.metaformer import StarReLU
+
+
+def _identity_logit(att_multi: float, temperature: float) -> float:
+    """The pre-activation z with att_multi * sigmoid(z / temperature) == 1 (0 for the paper's att_multi=2)."""
+    return -temperature * math.log(att_multi - 1.0)
+
+
+def local_kernel_size(in_channels: int) -> int:
+    """Odd 1-D kernel size of the local branch: 5 for 64..512 channels, 7 for 1024..2048 (paper's ECA-like rule)."""
+    return round(math.log2(in_channels) / 2 + 0.5) // 2 * 2 + 1
+
+
+class GlobalAttention(NamedTuple):
+    channel: torch.Tensor  # (B, Cin)
+    filter: torch.Tensor | None  # (B, Cout), None for depthwise layers
+    spatial: torch.Tensor | None  # (B, k*k), None for k = 1
+    kernel: torch.Tensor  # (B, n): the scale 2*sigmoid(z) of each frequency group
+
+
+class KSMGlobal(nn.Module):
+    """Global KSM: linear -> StarReLU trunk (no batch statistics, so batch size 1 trains) and four heads."""
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: int,
+            num_groups: int,
+            reduction: float = 0.0625,
+            min_hidden: int = 16,
+            att_multi: float = 2.0,
+            temperature: float = 1.0,
+            kernel_temperature: float = 1.0,
+            filter_attention: bool = True,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        hidden = max(int(in_channels * reduction), min_hidden)
+        self.att_multi = att_multi
+        self.temperature = temperature
+        self.kernel_temperature = kernel_temperature
+        self.fc = nn.Linear(in_channels, hidden, **dd)
+        self.act = StarReLU(**dd)
+        self.channel_fc = nn.Linear(hidden, in_channels, **dd)
+        self.filter_fc = nn.Linear(hidden, out_channels, **dd) if filter_attention else None
+        self.spatial_fc = nn.Linear(hidden, kernel_size * kernel_size, **dd) if kernel_size > 1 else None
+        self.kernel_fc = nn.Linear(hidden, num_groups, **dd)
+        self.reset_parameters()
+
+    def heads(self) -> list[nn.Linear]:
+        return [h for h in (self.channel_fc, self.filter_fc, self.spatial_fc, self.kernel_fc) if h is not None]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.fc.weight, mode='fan_out', nonlinearity='relu')
+        nn.init.zeros_(self.fc.bias)
+        for head in self.heads():
+            nn.init.zeros_(head.weight)
+            nn.init.constant_(head.bias, _identity_logit(self.att_multi, self.temperature))
+        nn.init.zeros_(self.kernel_fc.bias)  # 2 * sigmoid(0) == 1 whatever att_multi is
+
+    def _attention(self, head: nn.Linear | None, hidden: torch.Tensor) -> torch.Tensor | None:
+        if head is None:
+            return None
+        return self.att_multi * torch.sigmoid(head(hidden) / self.temperature)
+
+    def forward(self, pooled: torch.Tensor) -> GlobalAttention:
+        hidden = self.act(self.fc(pooled))
+        return GlobalAttention(
+            channel=self._attention(self.channel_fc, hidden),
+            filter=self._attention(self.filter_fc, hidden),
+            spatial=self._attention(self.spatial_fc, hidden),
+            kernel=2.0 * torch.sigmoid(self.kernel_fc(hidden) / self.kernel_temperature),
+        )
+
+
+class KSMLocal(nn.Module):
+    """Local KSM: LayerNorm of the pooled vector, then a 1-D conv along the channel axis with Cout*k*k outputs.
+
+    Output channel o*k*k + u*k + v at position i is the logit of weight element [o, i, u, v]; with groups > 1
+    element [o, i, u, v] reads input channel (o // (Cout/g)) * Cg + i, and only those logits are computed.
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: int,
+            groups: int = 1,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.groups = groups
+        self.conv_size = local_kernel_size(in_channels)
+        self.norm = nn.LayerNorm(in_channels, **dd)
+        self.conv = nn.Conv1d(1, out_channels * kernel_size ** 2, self.conv_size, bias=False, **dd)
+        cg = in_channels // groups
+        channel = (torch.arange(out_channels) // (out_channels // groups))[:, None] * cg + torch.arange(cg)
+        self.register_buffer('channel_of_element', channel.to(device), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.conv.weight)
+        self.norm.reset_parameters()
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, Cin) -> logits (B, Cout, Cg, k*k); apply ``att_multi * sigmoid`` to get the factors."""
+        kk = self.kernel_size ** 2
+        q = self.norm(pooled)
+        pad = self.conv_size // 2
+        windows = F.pad(q, (pad, pad)).unfold(1, self.conv_size, 1)  # (B, Cin, K)
+        taps = self.conv.weight.view(self.out_channels, kk, self.conv_size)
+        if self.groups == 1:
+            return torch.einsum('bit,out->boiu', windows, taps)
+        windows = windows[:, self.channel_of_element]  # (B, Cout, Cg, K)
+        return torch.einsum('boit,out->boiu', windows, taps)

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fdw import fft_dtype
+
 
 @lru_cache(maxsize=64)
 def _low_pass_masks_cpu(height: int, width: int, cutoffs: tuple[int, ...]) -> torch.Tensor:
@@ -61,14 +63,14 @@ class FBM(nn.Module):
         nn.init.zeros_(self.band_conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Cin, H, W) -> modulated map of the same shape, float32."""
+        """(B, Cin, H, W) -> modulated map of the same shape, at least float32."""
         h, w = x.shape[-2:]
-        x = x.float()
-        masks = low_pass_masks(h, w, self.cutoffs, x.device)
+        x = x.to(fft_dtype(x.dtype))
+        masks = low_pass_masks(h, w, self.cutoffs, x.device).to(x.dtype)
         spec = torch.fft.rfft2(x, norm='ortho')
         low_pass = torch.fft.irfft2(spec.unsqueeze(1) * masks[:, None], s=(h, w), norm='ortho')  # (B, J, C, H, W)
         band_scale = 2.0 * torch.sigmoid(F.conv2d(
-            x, self.band_conv.weight.float(), self.band_conv.bias.float(), padding=1))  # (B, J, H, W)
+            x, self.band_conv.weight.to(x.dtype), self.band_conv.bias.to(x.dtype), padding=1))  # (B, J, H, W)
         # sum_j A_j (LP_{j-1} - LP_j) + LP_J  ==  A_1 x + sum_j (A_{j+1} - A_j) LP_j  with A_{J+1} = 1
         next_scale = torch.cat([band_scale[:, 1:], torch.ones_like(band_scale[:, :1])], dim=1)
         weight = (next_scale - band_scale).unsqueeze(2)

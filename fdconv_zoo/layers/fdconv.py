@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from .fbm import FBM
-from .fdw import FourierDisjointWeight, matrix_to_weight
+from .fdw import FourierDisjointWeight, fft_dtype, matrix_to_weight
 from .ksm import GlobalAttention, KSMGlobal, KSMLocal
 
 _Size2 = int | tuple[int, int]
@@ -103,12 +103,12 @@ class _FrequencyDynamicLayer(nn.Module):
             self.bias.copy_(bias)
 
     def sample_weights(self, pooled: torch.Tensor) -> tuple[GlobalAttention, torch.Tensor]:
-        """Pooled input (B, Cin) -> global attention and the per-sample kernels (B, Cout, Cg, k, k), float32.
+        """Pooled input (B, Cin) -> global attention and the per-sample kernels (B, Cout, Cg, k, k), >= float32.
 
         The kernels carry FDW, spatial and local modulation; channel/filter attention are left to the caller.
         """
         k = self.fdw.kernel_size
-        pooled = pooled.float()
+        pooled = pooled.to(self.ksm_global.fc.weight.dtype)
         att = self.ksm_global(pooled)
         weight = matrix_to_weight(self.fdw(att.kernel), self.out_channels, k)
         scale = self.att_multi if self.ksm_local is not None else 1.0
@@ -263,8 +263,8 @@ class FDConv2d(_FrequencyDynamicLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"FDConv2d expects input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        att, weight = self.sample_weights(x.float().mean((2, 3)))
-        x_mod = self.fbm(x) if self.fbm is not None else x.float()
+        att, weight = self.sample_weights(x.to(fft_dtype(x.dtype)).mean((2, 3)))
+        x_mod = self.fbm(x) if self.fbm is not None else x
         x_mod = (x_mod * att.channel[:, :, None, None]).to(x.dtype)
         y = self._conv(x_mod, weight.to(x.dtype))
         return self._finish(y, att.filter, channel_dim=1)
@@ -274,6 +274,8 @@ class FDConv2d(_FrequencyDynamicLayer):
 class FDLinear(_FrequencyDynamicLayer):
     """Frequency Dynamic linear layer for tokens (B, ..., Cin); the KSM statistics pool over all tokens of a
     sample. A linear weight (Cout, Cin) is the k = 1 case of FDConv2d; options as for FDConv2d, without FBM."""
+
+    fbm = None
 
     def __init__(
             self,
@@ -323,8 +325,8 @@ class FDLinear(_FrequencyDynamicLayer):
             raise ValueError(f"FDLinear expects input (B, ..., {self.in_channels}), got {tuple(x.shape)}")
         b = x.shape[0]
         tokens = x.reshape(b, -1, self.in_channels)
-        att, weight = self.sample_weights(tokens.float().mean(1))
-        tokens = (tokens.float() * att.channel[:, None, :]).to(x.dtype)
+        att, weight = self.sample_weights(tokens.to(fft_dtype(x.dtype)).mean(1))
+        tokens = (tokens * att.channel[:, None, :]).to(x.dtype)
         y = torch.bmm(tokens, weight.view(b, self.out_channels, self.in_channels).transpose(1, 2).to(x.dtype))
         y = self._finish(y, att.filter, channel_dim=2)
         return y.view(*x.shape[:-1], self.out_channels)

@@ -10,6 +10,11 @@ import torch
 import torch.nn as nn
 
 
+def fft_dtype(dtype: torch.dtype) -> torch.dtype:
+    """FFTs run in float32 at least (bf16/fp16 spectra lose too much), float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def weight_to_matrix(weight: torch.Tensor) -> torch.Tensor:
     """(..., Cout, Cg, k, k) -> (..., Cout*k, Cg*k): row o*k+u, column i*k+v (the paper's weight-matrix view)."""
     *lead, cout, cg, k, _ = weight.shape
@@ -98,15 +103,16 @@ class FourierDisjointWeight(nn.Module):
 
     def static_weight(self) -> torch.Tensor:
         """The dense kernel the spectrum represents (all group attentions equal to 1)."""
-        spec = torch.view_as_complex(self.spectrum.float())
+        spec = torch.view_as_complex(self.spectrum.to(fft_dtype(self.spectrum.dtype)))
         matrix = torch.fft.irfft2(spec, s=(self.rows, self.cols))
         return matrix_to_weight(matrix, self.out_channels, self.kernel_size).contiguous()
 
     def forward(self, kernel_attention: torch.Tensor) -> torch.Tensor:
-        """(B, n) attention per group -> per-sample weight matrices (B, Cout*k, Cg*k), float32."""
+        """(B, n) attention per group -> per-sample weight matrices (B, Cout*k, Cg*k), at least float32."""
+        dtype = fft_dtype(self.spectrum.dtype)
         # real/imag pairs times a real scale: no complex promotion of the (B, R, C) attention map
-        scale = kernel_attention.float()[:, self.group_of_bin].unsqueeze(-1)
-        spec = torch.view_as_complex(self.spectrum.float() * scale)
+        scale = kernel_attention.to(dtype)[:, self.group_of_bin].unsqueeze(-1)
+        spec = torch.view_as_complex(self.spectrum.to(dtype) * scale)
         return torch.fft.irfft2(spec, s=(self.rows, self.cols))
 
     def extra_repr(self) -> str:

@@ -1,0 +1,226 @@
+"""FDConv2d / FDLinear: parts against a literal implementation of the spec, gradients, dtypes, errors."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from naive import naive_fdconv, randomize_
+from safetensors.torch import load, save
+
+from fdconv_zoo import FDConv2d, FDLinear
+from fdconv_zoo.layers import low_pass_masks, radial_grouping
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.mark.parametrize('cin,cout,k,stride,groups,n', [
+    (24, 40, 3, 1, 1, 16),   # FBM, spatial attention
+    (32, 48, 1, 2, 1, 7),    # 1x1 strided, n not dividing the bins
+    (33, 20, 3, 1, 1, 5),    # odd Cg*k
+    (24, 36, 3, 2, 4, 8),    # groups > 1: channel/local factors follow the input channel an element reads
+    (32, 32, 3, 1, 32, 4),   # depthwise: no filter attention
+])
+def test_layer_matches_literal_spec(cin, cout, k, stride, groups, n):
+    torch.manual_seed(0)
+    layer = FDConv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, num_freq_groups=n).eval()
+    randomize_(layer)
+    x = torch.randn(3, cin, 12, 10)
+    with torch.no_grad():
+        assert rel_err(layer(x), naive_fdconv(layer, x)) < 1e-5
+
+
+@pytest.mark.parametrize('part', ['kernel_fc', 'channel_fc', 'filter_fc', 'spatial_fc', 'local', 'fbm'])
+def test_each_modulation_part_moves_the_output(part):
+    """Every part is live: perturbing only it changes the output (so the literal-spec test covers it)."""
+    torch.manual_seed(1)
+    layer = FDConv2d(24, 24, 3, padding=1).eval()
+    x = torch.randn(2, 24, 16, 16)
+    with torch.no_grad():
+        y0 = layer(x)
+        target = {'local': layer.ksm_local.conv.weight, 'fbm': layer.fbm.band_conv.weight}.get(part)
+        if target is None:
+            target = getattr(layer.ksm_global, part).bias
+        target.add_(torch.randn_like(target))
+        assert rel_err(layer(x), y0) > 1e-3
+
+
+def test_grouping_is_radial_stable_and_balanced():
+    group = radial_grouping(12, 10, 7)
+    assert group.shape == (12, 6)
+    sizes = torch.bincount(group.flatten(), minlength=7)
+    assert sizes.max() - sizes.min() <= 1
+    assert group[0, 0] == 0 and group[6, 5] == 6  # DC lowest, the (Nyquist, Nyquist) corner highest
+    fr, fc = torch.fft.fftfreq(12).double(), torch.fft.rfftfreq(10).double()
+    radius = fr[:, None] ** 2 + fc[None] ** 2
+    for g in range(6):  # groups are contiguous in radius
+        assert radius[group == g].max() <= radius[group == g + 1].min()
+    assert torch.equal(group, radial_grouping(12, 10, 7))
+    # ties broken by flat index: symmetric bins +f / -f land in the lower group first
+    assert torch.equal(radial_grouping(8, 8, 1), torch.zeros(8, 5, dtype=torch.long))
+
+
+def test_kernel_attention_scale_convention():
+    """Group g scaled by 2*sigmoid(z_g): z = 0 is the identity, and the kernel is linear in the scales."""
+    torch.manual_seed(2)
+    layer = FDConv2d(20, 20, 3, num_freq_groups=4, ksm_local=False, fbm=False)
+    dense = layer.dense_weight()
+    ones = torch.ones(1, 4)
+    torch.testing.assert_close(layer.fdw(ones).view(20, 3, 20, 3).transpose(1, 2), dense, atol=1e-6, rtol=1e-5)
+    z = torch.tensor([[0.3, -1.0, 2.0, 0.0]])
+    with torch.no_grad():
+        layer.ksm_global.kernel_fc.bias.copy_(z[0])
+    att = layer.ksm_global(torch.zeros(1, 20)).kernel
+    torch.testing.assert_close(att, 2 * torch.sigmoid(z))
+    bands = [layer.fdw(F.one_hot(torch.tensor([g]), 4).float()) for g in range(4)]
+    torch.testing.assert_close(layer.fdw(att), sum(a * b for a, b in zip(att[0], bands)), atol=1e-5, rtol=1e-5)
+
+
+def test_fbm_masks_exact_for_every_size_and_cached():
+    masks = low_pass_masks(200, 336, (2, 4, 8), torch.device('cpu'))
+    assert masks.shape == (3, 200, 169)
+    fr = torch.fft.fftfreq(200).abs()
+    fc = torch.fft.rfftfreq(336)
+    expected = torch.stack([torch.maximum(fr[:, None], fc[None]) < torch.tensor(0.5 / k + 1e-8) for k in (2, 4, 8)])
+    assert torch.equal(masks.bool(), expected)
+    assert low_pass_masks(200, 336, (2, 4, 8), torch.device('cpu')) is masks
+
+
+def test_identity_at_init_for_fresh_layer():
+    conv = nn.Conv2d(24, 40, 3, padding=1)
+    layer = FDConv2d.from_dense(conv)
+    x = torch.relu(torch.randn(2, 24, 15, 17))
+    with torch.no_grad():
+        assert rel_err(layer(x), conv(x)) < 1e-5
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(3)
+    layer = FDConv2d(17, 18, 3, padding=1, num_freq_groups=3, min_hidden=4).double()
+    randomize_(layer, scale=0.1)
+    x = torch.randn(2, 17, 6, 5, dtype=torch.float64, requires_grad=True)
+    params = [layer.fdw.spectrum, layer.ksm_local.conv.weight, layer.ksm_global.kernel_fc.weight,
+              layer.fbm.band_conv.weight]
+    assert torch.autograd.gradcheck(lambda inp, *ps: layer(inp), (x, *params), eps=1e-6, atol=1e-5)
+    lin = FDLinear(17, 18, num_freq_groups=3, min_hidden=4).double()
+    randomize_(lin, scale=0.1)
+    tokens = torch.randn(2, 5, 17, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda inp: lin(inp), (tokens,), eps=1e-6, atol=1e-5)
+
+
+def test_batch_one_training_step_reaches_every_part():
+    """Batch size 1 trains (no batch statistics); after one step every parameter gets a non-zero gradient."""
+    torch.manual_seed(4)
+    layer = FDConv2d(24, 24, 3, padding=1).train()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in layer.named_parameters()}
+    for step in range(2):  # the trunk's gradient is zero while the heads are still zero
+        loss = layer(torch.randn(1, 24, 8, 8)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+    assert not torch.equal(layer.ksm_global.kernel_fc.weight, before['ksm_global.kernel_fc.weight'])
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_low_precision_output_dtype(dtype):
+    torch.manual_seed(5)
+    layer = FDConv2d(24, 24, 3, padding=1).eval()
+    randomize_(layer, scale=0.1)
+    lin = FDLinear(24, 32).eval()
+    x = torch.randn(2, 24, 8, 8)
+    with torch.no_grad():
+        y = layer(x.to(dtype))
+        assert y.dtype == dtype
+        assert rel_err(y, layer(x)) < 3e-2
+        assert lin(x.permute(0, 2, 3, 1).to(dtype)).dtype == dtype
+        half_layer = FDConv2d(24, 24, 3, padding=1).to(dtype)
+        assert half_layer(x.to(dtype)).dtype == dtype
+
+
+def test_fdlinear_pools_over_all_tokens_and_keeps_shape():
+    torch.manual_seed(6)
+    lin = FDLinear(20, 30).eval()
+    randomize_(lin)
+    x = torch.randn(2, 4, 5, 20)
+    with torch.no_grad():
+        y = lin(x)
+        assert y.shape == (2, 4, 5, 30)
+        # the same tokens in another layout give the same result: statistics pool over all tokens of a sample
+        torch.testing.assert_close(lin(x.reshape(2, 20, 20)).view(2, 4, 5, 30), y)
+        # each sample only sees its own tokens
+        torch.testing.assert_close(lin(x[1:]), y[1:])
+
+
+def test_state_dict_round_trip_through_safetensors():
+    torch.manual_seed(7)
+    layer = FDConv2d(24, 24, 3, padding=1, num_freq_groups=8).eval()
+    randomize_(layer)
+    with torch.no_grad():
+        layer.fdw.group_of_bin.copy_(torch.randint(0, 8, layer.fdw.group_of_bin.shape))
+    blob = save(layer.state_dict())
+    other = FDConv2d(24, 24, 3, padding=1, num_freq_groups=8).eval()
+    other.load_state_dict(load(blob))
+    x = torch.randn(2, 24, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(other(x), layer(x))
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    torch.manual_seed(8)
+    layer = FDConv2d(24, 24, 3, padding=1).eval()
+    randomize_(layer, scale=0.1)
+    x = torch.randn(2, 24, 8, 8)
+    compiled = torch.compile(layer)
+    with torch.no_grad():
+        assert rel_err(compiled(x), layer(x)) < 1e-5
+
+
+def test_nothing_is_printed(capsys):
+    layer = FDConv2d(24, 24, 3, padding=1)
+    layer(torch.randn(1, 24, 8, 8))
+    FDLinear(24, 24)(torch.randn(1, 3, 24))
+    assert capsys.readouterr() == ('', '')
+
+
+def test_bad_input_errors_name_the_problem():
+    layer = FDConv2d(24, 32, 3, padding=1)
+    with pytest.raises(ValueError, match=r'\(B, 24, H, W\).*\(2, 23, 8, 8\)'):
+        layer(torch.randn(2, 23, 8, 8))
+    with pytest.raises(ValueError, match='expects input'):
+        layer(torch.randn(24, 8, 8))
+    with pytest.raises(ValueError, match=r'\(B, \.\.\., 24\)'):
+        FDLinear(24, 8)(torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match='n=300 must be between 1 and the 240 spectral bins'):
+        FDConv2d(5, 10, 3, num_freq_groups=300)
+    with pytest.raises(TypeError, match='unknown_option'):
+        FDConv2d(24, 24, 3, unknown_option=1)
+    with pytest.raises(ValueError, match='square'):
+        FDConv2d(24, 24, (3, 1))
+    bad = layer.state_dict()
+    bad['ksm_global.channel_fc.weight'] = torch.zeros(7, 16)
+    with pytest.raises(RuntimeError, match=r'ksm_global\.channel_fc\.weight.*\[7, 16\].*\[24, 16\]'):
+        layer.load_state_dict(bad)
+
+
+def test_padding_modes_match_dense():
+    x = torch.randn(2, 24, 9, 9)
+    for mode in ('reflect', 'circular'):
+        conv = nn.Conv2d(24, 24, 3, padding=1, padding_mode=mode)
+        with torch.no_grad():
+            assert rel_err(FDConv2d.from_dense(conv)(x), conv(x)) < 1e-5
+
+
+def test_repr_and_module_log_quiet(caplog):
+    with caplog.at_level(logging.INFO, logger='fdconv_zoo'):
+        layer = FDConv2d(24, 24, 3, padding=1)
+    assert 'num_freq_groups=64' in repr(layer)
+    assert not caplog.records

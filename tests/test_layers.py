@@ -77,7 +77,8 @@ def test_kernel_attention_scale_convention():
     att = layer.ksm_global(torch.zeros(1, 20)).kernel
     torch.testing.assert_close(att, 2 * torch.sigmoid(z))
     bands = [layer.fdw(F.one_hot(torch.tensor([g]), 4).float()) for g in range(4)]
-    torch.testing.assert_close(layer.fdw(att), sum(a * b for a, b in zip(att[0], bands)), atol=1e-5, rtol=1e-5)
+    expected = sum(a * b for a, b in zip(att[0], bands, strict=True))
+    torch.testing.assert_close(layer.fdw(att), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_fbm_masks_exact_for_every_size_and_cached():
@@ -118,7 +119,7 @@ def test_batch_one_training_step_reaches_every_part():
     layer = FDConv2d(24, 24, 3, padding=1).train()
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     before = {k: v.clone() for k, v in layer.named_parameters()}
-    for step in range(2):  # the trunk's gradient is zero while the heads are still zero
+    for _step in range(2):  # the trunk's gradient is zero while the heads are still zero
         loss = layer(torch.randn(1, 24, 8, 8)).pow(2).mean()
         opt.zero_grad()
         loss.backward()

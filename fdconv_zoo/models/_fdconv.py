@@ -1,0 +1,111 @@
+"""What every FDConv model family shares: its constructor options, the pretrained filter, the cfg of a tag."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from timm.models import get_pretrained_cfg
+
+from ..layers import FDConv2d, FDLinear, weight_to_matrix
+from ..layers.reference import reference_to_native
+
+FDCONV_PAPER = 'arXiv:2503.18783'
+
+# FDConv options a model constructor accepts (JSON-friendly, so they survive timm's config.json model_args)
+FDCONV_OPTIONS: dict[str, Any] = dict(
+    num_freq_groups=64,
+    att_multi=2.0,
+    temperature=1.0,
+    kernel_temperature=1.0,
+    reduction=0.0625,
+    min_hidden=16,
+    ksm_local=True,
+    fbm=None,
+    fbm_cutoffs=(2, 4, 8),
+)
+
+
+def fdconv_options(**overrides: Any) -> dict[str, Any]:
+    """The layer options with ``overrides`` applied; an unknown name is a TypeError that names it."""
+    unknown = sorted(set(overrides) - set(FDCONV_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown FDConv option(s): {unknown}")
+    options = {**FDCONV_OPTIONS, **overrides}
+    options['fbm_cutoffs'] = tuple(options['fbm_cutoffs'])
+    return options
+
+
+def pop_fdconv_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the FDConv options out of a model constructor's kwargs (the rest go to the timm base class)."""
+    return fdconv_options(**{k: kwargs.pop(k) for k in list(kwargs) if k in FDCONV_OPTIONS})
+
+
+def _dense_to_native(module: FDConv2d | FDLinear, layer_sd: dict[str, torch.Tensor],
+                     own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dense ``weight``/``bias`` -> this layer's keys; the modulation parts keep their identity init."""
+    out = dict(own)
+    weight = layer_sd['weight']
+    if weight.ndim == 2:
+        weight = weight[:, :, None, None]
+    expected = module.fdw.weight_shape
+    if tuple(weight.shape) != expected:
+        raise ValueError(f"dense weight has shape {tuple(weight.shape)}, expected {expected}")
+    spectrum = torch.fft.rfft2(weight_to_matrix(weight.double()))
+    out['fdw.spectrum'] = torch.view_as_real(spectrum).to(own['fdw.spectrum'].dtype)
+    if 'bias' in layer_sd:
+        out['bias'] = layer_sd['bias']
+    return out
+
+
+def fdconv_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Pretrained filter: dense layers of a timm checkpoint become FDConv weights (exact at step 0); native
+    FDConv checkpoints pass through; reference-implementation layers (``dft_weight``) are translated."""
+    own = model.state_dict()
+    out = dict(state_dict)
+    for name, module in model.named_modules():
+        if not isinstance(module, (FDConv2d, FDLinear)):
+            continue
+        prefix = f'{name}.'
+        if f'{prefix}fdw.spectrum' in out:
+            continue
+        layer_sd = {k[len(prefix):]: out.pop(k) for k in list(out) if k.startswith(prefix)}
+        layer_own = {k[len(prefix):]: v for k, v in own.items() if k.startswith(prefix)}
+        try:
+            if 'dft_weight' in layer_sd:
+                native, _ = reference_to_native(module, layer_sd)
+                native = {**layer_own, **native}
+            elif 'weight' in layer_sd:
+                native = _dense_to_native(module, layer_sd, layer_own)
+            else:
+                continue  # let load_state_dict report the missing keys
+        except (KeyError, ValueError) as e:
+            raise type(e)(f"checkpoint layer '{name}': {e.args[0]}") from None
+        out.update({prefix + k: v for k, v in native.items()})
+    return out
+
+
+def chain_filters(*filters: Callable | None) -> Callable:
+    """One pretrained_filter_fn that runs timm's own family filter first, then the FDConv one."""
+    def run(state_dict, model):
+        for f in filters:
+            if f is not None:
+                state_dict = f(state_dict, model)
+        return state_dict
+    return run
+
+
+def dense_tag_cfg(dense_name: str, **overrides: Any) -> dict[str, Any]:
+    """Pretrained cfg of an FDConv tag whose weights are timm's dense checkpoint ``dense_name`` (converted
+    while loading): the source's data config, license and Hub repo, without its pickled-file URL."""
+    src = get_pretrained_cfg(dense_name).to_dict()
+    for key in ('url', 'architecture', 'tag', 'file', 'state_dict', 'hf_hub_filename', 'source'):
+        src.pop(key, None)
+    src['hf_hub_id'] = src.get('hf_hub_id') or f'timm/{dense_name}'
+    papers = [FDCONV_PAPER] + [p for p in (src.get('paper_ids') or '').split(',') if p]
+    src['paper_ids'] = ','.join(papers)
+    src['notes'] = (f'FDConv layers converted at load time from dense {dense_name}; '
+                    'outputs equal the dense checkpoint at step 0.',)
+    src.update(overrides)
+    return src

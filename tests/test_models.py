@@ -1,0 +1,113 @@
+"""The timm-registered FDConv families: pretrained tags converted from dense checkpoints, heads, features."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from hub_cache import prefill_hf_cache
+from safetensors.torch import save
+from timm.models import save_for_hf
+
+import fdconv_zoo  # noqa: F401  registers the models
+from fdconv_zoo import FDConv2d, FDLinear
+
+FAMILIES = [
+    ('resnet50_fdconv.a1_in1k', 'resnet50', 160),
+    ('convnext_tiny_fdconv.fb_in22k_ft_in1k', 'convnext_tiny', 128),
+    ('swin_tiny_patch4_window7_224_fdconv.ms_in1k', 'swin_tiny_patch4_window7_224', 224),
+]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def serve_dense(dense_name: str, tag_name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """Random dense timm weights, cached as the tag's Hub repo (e.g. timm/resnet50.a1_in1k)."""
+    torch.manual_seed(seed)
+    dense = timm.create_model(dense_name, **kwargs).eval()
+    repo = timm.models.get_pretrained_cfg(tag_name).hf_hub_id
+    prefill_hf_cache(repo, {'model.safetensors': save(dense.state_dict())})
+    return dense
+
+
+@pytest.mark.parametrize('tag,dense_name,size', FAMILIES, ids=[f[1] for f in FAMILIES])
+def test_pretrained_tag_converts_dense_checkpoint_exactly(tag, dense_name, size):
+    dense = serve_dense(dense_name, tag)
+    model = timm.create_model(tag, pretrained=True).eval()
+    assert any(isinstance(m, (FDConv2d, FDLinear)) for m in model.modules())
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert rel_err(model(x), dense(x)) <= 1e-5
+    # new head and a grey-scale stem, as timm users expect
+    model = timm.create_model(tag, pretrained=True, num_classes=7, in_chans=1).eval()
+    assert model(torch.randn(1, 1, size, size)).shape == (1, 7)
+
+
+def test_pretrained_filter_passes_native_fdconv_weights():
+    torch.manual_seed(1)
+    src = timm.create_model('resnet18_fdconv').eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    prefill_hf_cache('timm/resnet18.tv_in1k', {'model.safetensors': save(src.state_dict())})
+    model = timm.create_model('resnet18_fdconv.tv_in1k', pretrained=True).eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x))
+
+
+def test_pretrained_wrong_shape_names_the_key():
+    dense = timm.create_model('resnet18').state_dict()
+    dense['layer1.0.conv1.weight'] = torch.zeros(64, 32, 3, 3)
+    prefill_hf_cache('timm/resnet18.a1_in1k', {'model.safetensors': save(dense)})
+    with pytest.raises(ValueError, match=r"layer1\.0\.conv1.*\(64, 32, 3, 3\).*\(64, 64, 3, 3\)"):
+        timm.create_model('resnet18_fdconv.a1_in1k', pretrained=True)
+
+
+def test_fdconv_options_are_constructor_args_and_round_trip_config(tmp_path):
+    model = timm.create_model('resnet18_fdconv', num_freq_groups=16, ksm_local=False, fbm_cutoffs=[2, 4])
+    conv = model.layer1[0].conv1
+    assert conv.num_freq_groups == 16 and conv.ksm_local is None and conv.fbm.cutoffs == (2, 4)
+    args = dict(num_freq_groups=16, ksm_local=False, fbm_cutoffs=[2, 4])
+    save_for_hf(model, tmp_path, model_args=args)
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True)
+    assert loaded.layer1[0].conv1.num_freq_groups == 16
+    torch.testing.assert_close(loaded.state_dict()['layer1.0.conv1.fdw.spectrum'], conv.fdw.spectrum.detach())
+    with pytest.raises(TypeError, match='bogus'):
+        timm.create_model('resnet18_fdconv', bogus=1)
+
+
+def test_convnext_dwconv_option_and_placement():
+    model = timm.create_model('convnext_tiny_fdconv', fdconv_dwconv=True)
+    block = model.stages[0].blocks[0]
+    assert isinstance(block.mlp.fc1, FDLinear) and isinstance(block.mlp.fc2, FDLinear)
+    assert isinstance(block.conv_dw, FDConv2d) and block.conv_dw.groups == 96 and block.conv_dw.fbm is None
+    assert not isinstance(timm.create_model('convnext_tiny_fdconv').stages[0].blocks[0].conv_dw, FDConv2d)
+
+
+def test_resnet_placement_follows_the_paper():
+    r50 = timm.create_model('resnet50_fdconv')
+    block = r50.layer2[0]
+    assert all(isinstance(getattr(block, c), FDConv2d) for c in ('conv1', 'conv2', 'conv3'))
+    assert type(r50.conv1) is torch.nn.Conv2d and type(block.downsample[0]) is torch.nn.Conv2d
+    assert block.conv2.fbm is not None and block.conv1.fbm is None
+    r18 = timm.create_model('resnet18_fdconv')
+    assert isinstance(r18.layer1[0].conv1, FDConv2d) and isinstance(r18.layer1[0].conv2, FDConv2d)
+
+
+@pytest.mark.parametrize('name,size', [('resnet50_fdconv', 128), ('convnext_tiny_fdconv', 128),
+                                       ('swin_tiny_patch4_window7_224_fdconv', 224)])
+def test_features_only_strides_4_to_32(name, size):
+    model = timm.create_model(name, features_only=True, out_indices=(-4, -3, -2, -1)).eval()
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, size, size))
+    channels = model.feature_info.channels()
+    for f, c, r in zip(feats, channels, [4, 8, 16, 32], strict=True):
+        assert f.shape[-1] * r == size or f.shape[-2] * r == size
+        assert c in f.shape
+    full = timm.create_model(name).eval()
+    with torch.no_grad():
+        inter = full.forward_intermediates(torch.randn(1, 3, size, size), indices=4, intermediates_only=True)
+    assert len(inter) == 4

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from fdconv_zoo import FDConv2d, FDLinear, convert_to_fdconv
+from fdconv_zoo.benchmark import liven_
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,7 +43,7 @@ def test_converted_linear_matches_dense(shape):
     ('resnet50', 160), ('convnext_tiny', 128), ('swin_tiny_patch4_window7_224', 224)])
 def test_converted_timm_model_matches_dense(name, size):
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10).eval()
+    model = liven_(timm.create_model(name, num_classes=10)).eval()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         dense = model(x)

@@ -10,6 +10,7 @@ from timm.models import save_for_hf
 
 import fdconv_zoo  # noqa: F401  registers the models
 from fdconv_zoo import FDConv2d, FDLinear
+from fdconv_zoo.benchmark import liven_
 
 FAMILIES = [
     ('resnet50_fdconv.a1_in1k', 'resnet50', 160),
@@ -25,7 +26,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def serve_dense(dense_name: str, tag_name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     """Random dense timm weights, cached as the tag's Hub repo (e.g. timm/resnet50.a1_in1k)."""
     torch.manual_seed(seed)
-    dense = timm.create_model(dense_name, **kwargs).eval()
+    dense = liven_(timm.create_model(dense_name, **kwargs), seed).eval()
     repo = timm.models.get_pretrained_cfg(tag_name).hf_hub_id
     prefill_hf_cache(repo, {'model.safetensors': save(dense.state_dict())})
     return dense

@@ -14,10 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
+from torch.utils.checkpoint import checkpoint
 
 from .fbm import FBM
 from .fdw import FourierDisjointWeight, fft_dtype, matrix_to_weight
 from .ksm import GlobalAttention, KSMGlobal, KSMLocal
+from .workspace import scratch
 
 _Size2 = int | tuple[int, int]
 
@@ -47,6 +49,7 @@ class _FrequencyDynamicLayer(nn.Module):
             reduction: float,
             min_hidden: int,
             ksm_local: bool,
+            recompute: bool,
             device=None,
             dtype=None,
     ):
@@ -65,6 +68,7 @@ class _FrequencyDynamicLayer(nn.Module):
         self.out_channels = out_channels
         self.groups = groups
         self.att_multi = float(att_multi)
+        self.recompute = recompute
         depthwise = groups == in_channels == out_channels
         self.fdw = FourierDisjointWeight(out_channels, in_channels // groups, kernel_size, num_freq_groups, **dd)
         self.ksm_global = KSMGlobal(
@@ -109,6 +113,9 @@ class _FrequencyDynamicLayer(nn.Module):
         """
         k = self.fdw.kernel_size
         pooled = pooled.to(self.ksm_global.fc.weight.dtype)
+        if (not torch.is_grad_enabled() and self.groups == 1 and pooled.device.type == 'cpu'
+                and not torch.compiler.is_compiling()):
+            return self._sample_weights_reusing_memory(pooled)
         att = self.ksm_global(pooled)
         weight = matrix_to_weight(self.fdw(att.kernel), self.out_channels, k)
         scale = self.att_multi if self.ksm_local is not None else 1.0
@@ -120,6 +127,48 @@ class _FrequencyDynamicLayer(nn.Module):
         if not isinstance(scale, float) or scale != 1.0:
             weight = weight * scale
         return att, weight.contiguous()
+
+    def _sample_weights_reusing_memory(self, pooled: torch.Tensor) -> tuple[GlobalAttention, torch.Tensor]:
+        """Inference on CPU, groups = 1: the same kernels with the fewest passes over B x |W| floats, in scratch
+        memory (fresh multi-MB tensors cost more to map than to compute). The constant att_multi of the local
+        factors moves to the channel attention, which scales the (smaller) input instead of the kernel."""
+        k, b = self.fdw.kernel_size, pooled.shape[0]
+        cout, cin = self.out_channels, self.in_channels
+        att = self.ksm_global(pooled)
+        matrix = self.fdw(att.kernel, reuse_memory=True)  # (B, Cout*k, Cin*k)
+        if self.ksm_local is None:
+            weight = matrix_to_weight(matrix, cout, k)
+            if att.spatial is not None:
+                weight = weight * att.spatial.view(b, 1, 1, k, k).to(weight.dtype)
+            return att, weight.contiguous()
+        windows = self.ksm_local.windows(pooled).to(matrix.dtype)  # (B, Cin, K)
+        taps = self.ksm_local.conv.weight.to(matrix.dtype).flatten(1)  # (Cout*k*k, K)
+        att = att._replace(channel=att.channel * self.att_multi)
+        if k == 1:  # logits straight in the kernel's (B, Cout, Cin) layout, then in place
+            local = scratch('ksm.local', (b, cout, cin), pooled.device, matrix.dtype)
+            torch.matmul(taps, windows.transpose(1, 2), out=local)
+            return att, local.sigmoid_().mul_(matrix.view(b, cout, cin)).view(b, cout, cin, 1, 1)
+        local = scratch('ksm.local', (b, cin, cout * k * k), pooled.device, matrix.dtype)
+        torch.matmul(windows, taps.t(), out=local)
+        local = local.sigmoid_().view(b, cin, cout, k, k).transpose(1, 2)
+        weight = scratch('fdconv.kernel', (b, cout, cin, k, k), pooled.device, matrix.dtype)
+        torch.mul(matrix_to_weight(matrix, cout, k), local, out=weight)
+        if att.spatial is not None:
+            weight.mul_(att.spatial.view(b, 1, 1, k, k).to(weight.dtype))
+        return att, weight
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _dynamic_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if self.recompute and torch.is_grad_enabled():
+            # per-sample kernels are B x |W| floats: rebuild them in backward rather than keep them alive
+            return checkpoint(self._dynamic_forward, x, use_reentrant=False, preserve_rng_state=False)
+        return self._dynamic_forward(x)
 
     def _finish(self, y: torch.Tensor, filter_att: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
         shape = [1] * y.ndim
@@ -143,6 +192,8 @@ class FDConv2d(_FrequencyDynamicLayer):
         ksm_local: use the per-element local KSM branch.
         fbm: frequency band modulation of the input; None means on for 3x3 kernels (the paper's placement).
         fbm_cutoffs: low-pass cut-offs kappa of the FBM bands.
+        recompute: in training, rebuild the per-sample kernels in backward instead of storing them
+            (activation checkpointing of the layer: far less memory, one more kernel synthesis).
     """
 
     def __init__(
@@ -168,6 +219,7 @@ class FDConv2d(_FrequencyDynamicLayer):
             ksm_local: bool = True,
             fbm: bool | None = None,
             fbm_cutoffs: tuple[int, ...] = (2, 4, 8),
+            recompute: bool = True,
     ):
         kh, kw = _pair(kernel_size, 'kernel_size')
         if kh != kw:
@@ -182,7 +234,7 @@ class FDConv2d(_FrequencyDynamicLayer):
                 raise ValueError(f"string padding {padding!r} needs padding_mode='zeros'")
         super().__init__(
             in_channels, out_channels, kh, groups, bias, num_freq_groups, att_multi, temperature,
-            kernel_temperature, reduction, min_hidden, ksm_local, device=device, dtype=dtype)
+            kernel_temperature, reduction, min_hidden, ksm_local, recompute, device=device, dtype=dtype)
         self.kernel_size = (kh, kh)
         self.stride = _pair(stride, 'stride')
         self.padding = padding if isinstance(padding, str) else _pair(padding, 'padding')
@@ -260,9 +312,11 @@ class FDConv2d(_FrequencyDynamicLayer):
             self.stride, padding, self.dilation, b * self.groups)
         return out.view(b, self.out_channels, *out.shape[-2:])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"FDConv2d expects input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+
+    def _dynamic_forward(self, x: torch.Tensor) -> torch.Tensor:
         att, weight = self.sample_weights(x.to(fft_dtype(x.dtype)).mean((2, 3)))
         x_mod = self.fbm(x) if self.fbm is not None else x
         x_mod = (x_mod * att.channel[:, :, None, None]).to(x.dtype)
@@ -292,10 +346,11 @@ class FDLinear(_FrequencyDynamicLayer):
             reduction: float = 0.0625,
             min_hidden: int = 16,
             ksm_local: bool = True,
+            recompute: bool = True,
     ):
         super().__init__(
             in_features, out_features, 1, 1, bias, num_freq_groups, att_multi, temperature, kernel_temperature,
-            reduction, min_hidden, ksm_local, device=device, dtype=dtype)
+            reduction, min_hidden, ksm_local, recompute, device=device, dtype=dtype)
         self.reset_parameters()
 
     @property
@@ -320,9 +375,11 @@ class FDLinear(_FrequencyDynamicLayer):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, num_freq_groups={self.num_freq_groups}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim < 2 or x.shape[-1] != self.in_channels:
             raise ValueError(f"FDLinear expects input (B, ..., {self.in_channels}), got {tuple(x.shape)}")
+
+    def _dynamic_forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         tokens = x.reshape(b, -1, self.in_channels)
         att, weight = self.sample_weights(tokens.to(fft_dtype(x.dtype)).mean(1))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .workspace import scratch
+
 
 def fft_dtype(dtype: torch.dtype) -> torch.dtype:
     """FFTs run in float32 at least (bf16/fp16 spectra lose too much), float64 stays float64."""
@@ -107,13 +109,24 @@ class FourierDisjointWeight(nn.Module):
         matrix = torch.fft.irfft2(spec, s=(self.rows, self.cols))
         return matrix_to_weight(matrix, self.out_channels, self.kernel_size).contiguous()
 
-    def forward(self, kernel_attention: torch.Tensor) -> torch.Tensor:
-        """(B, n) attention per group -> per-sample weight matrices (B, Cout*k, Cg*k), at least float32."""
+    def forward(self, kernel_attention: torch.Tensor, reuse_memory: bool = False) -> torch.Tensor:
+        """(B, n) attention per group -> per-sample weight matrices (B, Cout*k, Cg*k), at least float32.
+
+        ``reuse_memory`` (inference only) builds the modulated spectrum in scratch buffers.
+        """
         dtype = fft_dtype(self.spectrum.dtype)
-        # real/imag pairs times a real scale: no complex promotion of the (B, R, C) attention map
-        scale = kernel_attention.to(dtype)[:, self.group_of_bin].unsqueeze(-1)
-        spec = torch.view_as_complex(self.spectrum.to(dtype) * scale)
-        return torch.fft.irfft2(spec, s=(self.rows, self.cols))
+        b = kernel_attention.shape[0]
+        rows, half = self.group_of_bin.shape
+        if reuse_memory:
+            scale = scratch('fdw.scale', (b, rows * half), kernel_attention.device, dtype)
+            torch.index_select(kernel_attention.to(dtype), 1, self.group_of_bin.view(-1), out=scale)
+            spec = scratch('fdw.spectrum', (b, rows, half, 2), kernel_attention.device, dtype)
+            torch.mul(self.spectrum.to(dtype), scale.view(b, rows, half, 1), out=spec)
+        else:
+            # real/imag pairs times a real scale: no complex promotion of the (B, R, C) attention map
+            scale = kernel_attention.to(dtype)[:, self.group_of_bin].unsqueeze(-1)
+            spec = self.spectrum.to(dtype) * scale
+        return torch.fft.irfft2(torch.view_as_complex(spec), s=(self.rows, self.cols))
 
     def extra_repr(self) -> str:
         return f"weight_shape={self.weight_shape}, num_groups={self.num_groups}"

@@ -126,12 +126,15 @@ class KSMLocal(nn.Module):
         nn.init.zeros_(self.conv.weight)
         self.norm.reset_parameters()
 
+    def windows(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The 1-D conv's input windows (B, Cin, K) of the normalised pooled vector (zero padded)."""
+        pad = self.conv_size // 2
+        return F.pad(self.norm(pooled), (pad, pad)).unfold(1, self.conv_size, 1)
+
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, Cin) -> logits (B, Cout, Cg, k*k); apply ``att_multi * sigmoid`` to get the factors."""
         kk = self.kernel_size ** 2
-        q = self.norm(pooled)
-        pad = self.conv_size // 2
-        windows = F.pad(q, (pad, pad)).unfold(1, self.conv_size, 1)  # (B, Cin, K)
+        windows = self.windows(pooled)
         taps = self.conv.weight.view(self.out_channels, kk, self.conv_size)
         if self.groups == 1:
             return torch.einsum('bit,out->boiu', windows, taps)

@@ -24,6 +24,7 @@ FDCONV_OPTIONS: dict[str, Any] = dict(
     ksm_local=True,
     fbm=None,
     fbm_cutoffs=(2, 4, 8),
+    recompute=True,
 )
 
 

@@ -1,0 +1,233 @@
+"""Measuring FDConv models against their dense counterparts: parameters, FLOPs (FFTs included), speed, memory.
+
+FLOPs follow torch's FlopCounterMode (2 per multiply-add, matmuls and convolutions), plus the FFTs it does not
+count: a real transform of N points costs 2.5 N log2 N, a complex one 5 N log2 N (the radix-2 estimate).
+Element-wise work (attention products, sigmoids) is not counted, as in timm's own tables.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+aten = torch.ops.aten
+
+
+def _fft_points(shape: tuple[int, ...], dims: list[int]) -> tuple[int, int]:
+    n = math.prod(shape[d] for d in dims)
+    return n, math.prod(shape) // max(n, 1)
+
+
+def _r2c_flops(x_shape, dim, normalization, onesided, out_shape=None) -> int:
+    n, batch = _fft_points(x_shape, dim)
+    return int(2.5 * n * math.log2(max(n, 2)) * batch)
+
+
+def _c2r_flops(x_shape, dim, normalization, last_dim_size, out_shape=None) -> int:
+    n, batch = _fft_points(out_shape, dim)
+    return int(2.5 * n * math.log2(max(n, 2)) * batch)
+
+
+def _c2c_flops(x_shape, dim, normalization, forward, out_shape=None) -> int:
+    n, batch = _fft_points(x_shape, dim)
+    return int(5 * n * math.log2(max(n, 2)) * batch)
+
+
+FFT_FLOPS = {aten._fft_r2c: _r2c_flops, aten._fft_c2r: _c2r_flops, aten._fft_c2c: _c2c_flops}
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
+    """FLOPs of one eval forward at ``input_size`` (B, C, H, W): ``total`` and the ``fft`` part of it."""
+    was_training = model.training
+    model.eval()
+    x = torch.randn(input_size, device=next(model.parameters()).device)
+    counter = FlopCounterMode(display=False, custom_mapping=FFT_FLOPS)
+    with counter:
+        model(x)
+    model.train(was_training)
+    per_op = counter.get_flop_counts()['Global']
+    fft = sum(v for op, v in per_op.items() if op in FFT_FLOPS)
+    return {'total': counter.get_total_flops(), 'fft': fft}
+
+
+@torch.no_grad()
+def liven_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random non-trivial norm scales and layer scales, in place. timm's fresh init zeroes the last BN of each
+    ResNet block and sets ConvNeXt layer scales to 1e-6, which would hide every residual branch from a
+    dense-vs-FDConv comparison of randomly initialised models."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        leaf = name.rsplit('.', 1)[-1]
+        owner = name.rsplit('.', 2)[-2] if name.count('.') else ''
+        if leaf == 'gamma' or (leaf == 'weight' and ('norm' in owner or owner.startswith('bn'))):
+            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_table(names: list[str], img_size: int | None = None) -> list[dict[str, Any]]:
+    """One row per architecture: params and FLOPs of the dense timm model and of its FDConv version."""
+    import timm
+    rows = []
+    for name in names:
+        fd = timm.create_model(name)
+        dense_name = name.replace('_fdconv', '')
+        dense = timm.create_model(dense_name)
+        size = img_size or fd.pretrained_cfg['input_size'][-1]
+        shape = (1, 3, size, size)
+        fd_flops, dense_flops = count_flops(fd, shape), count_flops(dense, shape)
+        tags = [t for t in timm.list_pretrained(f'{name}.*')]
+        rows.append({
+            'model': name, 'img_size': size,
+            'params_dense_m': count_params(dense) / 1e6, 'params_fdconv_m': count_params(fd) / 1e6,
+            'gflops_dense': dense_flops['total'] / 1e9, 'gflops_fdconv': fd_flops['total'] / 1e9,
+            'gflops_fft': fd_flops['fft'] / 1e9,
+            'tags': {t.split('.', 1)[1]: timm.models.get_pretrained_cfg(t).hf_hub_id for t in tags},
+        })
+    return rows
+
+
+class PeakMemory:
+    """Peak memory a block allocates above what was in use when it started: CUDA's allocator statistics on
+    GPU; on CPU the process's resident set, sampled every millisecond by a thread (large tensors are mapped
+    and unmapped directly, so the resident set follows them)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = self._peak = self._rss()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.001):
+                self._peak = max(self._peak, self._rss())
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self._peak, self._rss()) - self._base
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+def time_eval(model: nn.Module, x: torch.Tensor, amp: bool = False) -> float:
+    """Seconds for one eval forward."""
+    with torch.no_grad(), _autocast(x.device, amp):
+        _sync(x.device)
+        start = time.perf_counter()
+        model(x)
+        _sync(x.device)
+    return time.perf_counter() - start
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor,
+               amp: bool = False) -> float:
+    """Seconds for forward, cross-entropy backward and an optimizer step."""
+    _sync(x.device)
+    start = time.perf_counter()
+    with _autocast(x.device, amp):
+        loss = F.cross_entropy(model(x), target)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    _sync(x.device)
+    return time.perf_counter() - start
+
+
+@dataclass
+class BenchResult:
+    model: str
+    mode: str  # 'eval' or 'train'
+    batch_size: int
+    img_size: int
+    dense_ms: float
+    fdconv_ms: float
+    dense_peak_mb: float | None = None
+    fdconv_peak_mb: float | None = None
+
+    @property
+    def time_ratio(self) -> float:
+        return self.fdconv_ms / self.dense_ms
+
+    @property
+    def memory_ratio(self) -> float | None:
+        if not self.dense_peak_mb:
+            return None
+        return self.fdconv_peak_mb / self.dense_peak_mb
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(time_ratio=self.time_ratio, memory_ratio=self.memory_ratio,
+                 dense_throughput=self.batch_size / self.dense_ms * 1e3,
+                 fdconv_throughput=self.batch_size / self.fdconv_ms * 1e3)
+        return d
+
+
+def compare(fd_name: str, mode: str, batch_size: int, img_size: int, repeats: int = 5, warmup: int = 1,
+            device: str | torch.device = 'cpu', amp: bool = False) -> BenchResult:
+    """Dense timm model vs its FDConv version in this process, repeats interleaved, medians reported."""
+    import timm
+    device = torch.device(device)
+    torch.manual_seed(0)
+    models = {'dense': timm.create_model(fd_name.replace('_fdconv', '')), 'fdconv': timm.create_model(fd_name)}
+    for m in models.values():
+        m.to(device).train(mode == 'train')
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    target = torch.randint(0, 1000, (batch_size,), device=device)
+    optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    peaks: dict[str, float] = {}
+    for i in range(warmup + repeats):
+        for key, m in models.items():
+            if mode == 'eval':
+                t = time_eval(m, x, amp)
+            else:
+                if i == warmup:  # measure peak memory once, after warm-up
+                    with PeakMemory(device) as mem:
+                        t = train_step(m, optimizers[key], x, target, amp)
+                    peaks[key] = mem.peak_bytes / 2 ** 20
+                else:
+                    t = train_step(m, optimizers[key], x, target, amp)
+            if i >= warmup:
+                times[key].append(t * 1e3)
+    return BenchResult(fd_name, mode, batch_size, img_size, statistics.median(times['dense']),
+                       statistics.median(times['fdconv']), peaks.get('dense'), peaks.get('fdconv'))

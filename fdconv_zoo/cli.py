@@ -1,0 +1,84 @@
+"""The ``fdconv-zoo`` command: a demo of exact conversion, the list of architectures and tags."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+
+import timm
+import torch
+
+from . import models as _models  # noqa: F401  registers the FDConv families with timm
+from .benchmark import count_flops, count_params, liven_
+from .models._fdconv import fdconv_checkpoint_filter
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Dense timm model -> FDConv model through the pretrained filter; outputs, params, FLOPs, latency."""
+    torch.manual_seed(0)
+    dense_name = args.model.replace('_fdconv', '')
+    dense = liven_(timm.create_model(dense_name)).eval()
+    model = timm.create_model(args.model).eval()
+    model.load_state_dict(fdconv_checkpoint_filter(dense.state_dict(), model))
+    size = args.img_size or model.pretrained_cfg['input_size'][-1]
+    x = torch.randn(args.batch_size, 3, size, size)
+    with torch.no_grad():
+        y_dense, y_fd = dense(x), model(x)
+        err = ((y_fd - y_dense).abs().max() / y_dense.abs().max()).item()
+        dense_ms = _median_ms(lambda: dense(x), args.repeats)
+        fd_ms = _median_ms(lambda: model(x), args.repeats)
+    flops_dense = count_flops(dense, tuple(x.shape))['total']
+    flops_fd = count_flops(model, tuple(x.shape))
+    print(f"{dense_name} -> {args.model}, input {tuple(x.shape)}")
+    print(f"  outputs at step 0: max relative error {err:.2e} (same predictions: "
+          f"{bool((y_fd.argmax(-1) == y_dense.argmax(-1)).all())})")
+    print(f"  params: {count_params(dense) / 1e6:.2f}M dense -> {count_params(model) / 1e6:.2f}M FDConv")
+    print(f"  GFLOPs: {flops_dense / 1e9:.2f} dense -> {flops_fd['total'] / 1e9:.2f} FDConv "
+          f"({flops_fd['fft'] / 1e9:.2f} in FFTs)")
+    print(f"  eval latency (median of {args.repeats}): {dense_ms:.1f} ms dense, {fd_ms:.1f} ms FDConv "
+          f"({fd_ms / dense_ms:.2f}x)")
+    return 0 if err <= 1e-5 else 1
+
+
+def list_models(args: argparse.Namespace) -> int:
+    """Architectures with parameter counts, then every pretrained tag and the Hub repo it loads."""
+    for name in timm.list_models('*_fdconv'):
+        params = count_params(timm.create_model(name)) / 1e6
+        print(f"{name:42s} {params:7.2f}M params")
+        for tag in timm.list_pretrained(f'{name}.*'):
+            print(f"    {tag:52s} <- hf-hub:{timm.models.get_pretrained_cfg(tag).hf_hub_id}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='fdconv-zoo', description=__doc__)
+    sub = parser.add_subparsers(dest='command', required=True)
+    p = sub.add_parser('demo', help='convert a dense model to FDConv and show that outputs match, and the cost')
+    p.add_argument('--model', default='resnet50_fdconv', help='registered FDConv architecture')
+    p.add_argument('--img-size', type=int, default=None, help='input resolution (default: the model cfg)')
+    p.add_argument('--batch-size', type=int, default=1)
+    p.add_argument('--repeats', type=int, default=5)
+    p.set_defaults(func=demo)
+    p = sub.add_parser('list', help='architectures and pretrained tags with their parameter counts')
+    p.set_defaults(func=list_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""timm's own model test suite (tests/test_models.py of the installed timm's sdist, fetched by
+scripts/fetch_timm_tests.py) run on every FDConv architecture, with fdconv_zoo imported by its conftest."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+
+SUITE = Path(__file__).resolve().parent.parent / '.timm-tests' / f'timm-{timm.__version__}'
+
+# test -> why it cannot apply to FDConv models
+DESELECT = {
+    'test_model_forward_torchscript': 'TorchScript cannot compile the per-size FBM mask cache and the activation '
+                                      'checkpointing of training; torch.compile is supported and tested instead',
+}
+# timm's CI leaves this unmarked test out (it prunes every model at every index); the smallest model of each
+# family runs it, the larger ones share its code paths
+PRUNE_ONLY = ('resnet18_fdconv', 'convnext_tiny_fdconv', 'swin_tiny_patch4_window7_224_fdconv')
+
+
+@pytest.mark.slow
+def test_timm_model_suite_passes_for_every_fdconv_model():
+    assert (SUITE / 'tests' / 'test_models.py').is_file(), \
+        f'timm tests missing in {SUITE}: run `python scripts/fetch_timm_tests.py` first'
+    deselect_k = ' and '.join(f'not {name}' for name in DESELECT)
+    prune_k = ' or '.join(PRUNE_ONLY)
+    expr = f'fdconv and {deselect_k} and (not test_prune_intermediate_layers_contract or {prune_k})'
+    env = {**os.environ, 'GITHUB_ACTIONS': 'true'}  # timm's switch for tests that download weights
+    proc = subprocess.run(
+        [sys.executable, '-m', 'pytest', 'tests/test_models.py', '-k', expr, '-q', '-p', 'no:cacheprovider',
+         '-W', 'ignore::pytest.PytestUnknownMarkWarning'],
+        cwd=SUITE, env=env, capture_output=True, text=True)
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    passed = int(re.search(r'(\d+) passed', summary).group(1))
+    assert passed >= 10 * len(timm.list_models('*_fdconv')), summary

@@ -231,3 +231,33 @@ def compare(fd_name: str, mode: str, batch_size: int, img_size: int, repeats: in
                 times[key].append(t * 1e3)
     return BenchResult(fd_name, mode, batch_size, img_size, statistics.median(times['dense']),
                        statistics.median(times['fdconv']), peaks.get('dense'), peaks.get('fdconv'))
+
+
+PARTS = ('fdconv.ksm', 'fdconv.synthesis', 'fdconv.fbm', 'fdconv.conv')
+
+
+def part_breakdown(fd_name: str, batch_size: int, img_size: int, device: str | torch.device = 'cpu',
+                   repeats: int = 3) -> dict[str, float]:
+    """Milliseconds per eval forward spent in each FDConv part, summed over layers (torch.profiler, median over
+    ``repeats``): KSM heads and logits, kernel synthesis (FFT and products), FBM, the convolution itself."""
+    import timm
+    from torch.profiler import ProfilerActivity, profile
+    device = torch.device(device)
+    model = timm.create_model(fd_name).to(device).eval()
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    samples: dict[str, list[float]] = {p: [] for p in PARTS + ('total',)}
+    with torch.no_grad():
+        model(x)
+        for _ in range(repeats):
+            with profile(activities=activities) as prof:
+                start = time.perf_counter()
+                model(x)
+                _sync(device)
+                total = (time.perf_counter() - start) * 1e3
+            events = {e.key: e for e in prof.key_averages()}
+            for part in PARTS:
+                e = events.get(part)
+                samples[part].append((e.cpu_time_total if e is not None else 0.0) / 1e3)
+            samples['total'].append(total)
+    return {k: statistics.median(v) for k, v in samples.items()}

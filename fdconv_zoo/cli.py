@@ -61,6 +61,50 @@ def list_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    """Dense vs FDConv: eval latency per batch size, a training step with peak memory, per-part breakdown."""
+    import json
+    import os
+    import tempfile
+
+    from .benchmark import compare, part_breakdown
+    rows = []
+    for name in args.models:
+        for bs in args.batch_sizes:
+            rows.append(compare(name, 'eval', bs, args.img_size, args.repeats, device=args.device, amp=args.amp))
+            print(_bench_line(rows[-1]), flush=True)
+        if args.train_batch_size:
+            rows.append(compare(name, 'train', args.train_batch_size, args.train_img_size, args.repeats,
+                                device=args.device, amp=args.amp))
+            print(_bench_line(rows[-1]), flush=True)
+    result = {'device': str(args.device), 'amp_bf16': args.amp, 'torch': torch.__version__,
+              'threads': torch.get_num_threads(), 'rows': [r.to_dict() for r in rows]}
+    if args.breakdown:
+        result['breakdown'] = {}
+        for name in args.models:
+            parts = part_breakdown(name, args.batch_sizes[-1], args.img_size, device=args.device)
+            result['breakdown'][name] = parts
+            print(f"{name} eval batch {args.batch_sizes[-1]} parts (ms): "
+                  + ', '.join(f"{k.removeprefix('fdconv.')} {v:.1f}" for k, v in parts.items()), flush=True)
+    if args.out:
+        directory = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile('w', dir=directory, delete=False, suffix='.tmp') as f:
+            json.dump(result, f, indent=1)
+        os.replace(f.name, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _bench_line(r) -> str:
+    line = (f"{r.model:38s} {r.mode:5s} batch {r.batch_size:3d} @{r.img_size}: dense {r.dense_ms:8.1f} ms, "
+            f"FDConv {r.fdconv_ms:8.1f} ms, ratio {r.time_ratio:5.2f}x")
+    if r.memory_ratio is not None:
+        line += (f" | peak memory dense {r.dense_peak_mb:7.0f} MB, FDConv {r.fdconv_peak_mb:7.0f} MB, "
+                 f"ratio {r.memory_ratio:4.2f}x")
+    return line
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='fdconv-zoo', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -72,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=demo)
     p = sub.add_parser('list', help='architectures and pretrained tags with their parameter counts')
     p.set_defaults(func=list_models)
+    p = sub.add_parser('bench', help='dense vs FDConv latency, training step, peak memory, per-part breakdown')
+    p.add_argument('--models', nargs='+', default=['resnet50_fdconv'])
+    p.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 8], help='eval batch sizes')
+    p.add_argument('--img-size', type=int, default=224, help='eval resolution')
+    p.add_argument('--train-batch-size', type=int, default=8, help='0 skips the training step')
+    p.add_argument('--train-img-size', type=int, default=160)
+    p.add_argument('--repeats', type=int, default=5, help='timed repeats (interleaved dense/FDConv)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--amp', action='store_true', help='bf16 autocast')
+    p.add_argument('--breakdown', action='store_true', help='also profile the FDConv parts')
+    p.add_argument('--out', default=None, help='write the results as JSON here')
+    p.set_defaults(func=bench)
     return parser
 
 

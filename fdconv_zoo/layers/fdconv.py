@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from .fbm import FBM
@@ -111,12 +112,18 @@ class _FrequencyDynamicLayer(nn.Module):
 
         The kernels carry FDW, spatial and local modulation; channel/filter attention are left to the caller.
         """
-        k = self.fdw.kernel_size
         pooled = pooled.to(self.ksm_global.fc.weight.dtype)
-        if (not torch.is_grad_enabled() and self.groups == 1 and pooled.device.type == 'cpu'
-                and not torch.compiler.is_compiling()):
-            return self._sample_weights_reusing_memory(pooled)
-        att = self.ksm_global(pooled)
+        with record_function('fdconv.ksm'):
+            att = self.ksm_global(pooled)
+        with record_function('fdconv.synthesis'):
+            if (not torch.is_grad_enabled() and self.groups == 1 and pooled.device.type == 'cpu'
+                    and not torch.compiler.is_compiling()):
+                return self._synthesize_reusing_memory(pooled, att)
+            return att, self._synthesize(pooled, att)
+
+    def _synthesize(self, pooled: torch.Tensor, att: GlobalAttention) -> torch.Tensor:
+        """The differentiable path: plain tensor algebra (recomputed in backward when ``recompute``)."""
+        k = self.fdw.kernel_size
         weight = matrix_to_weight(self.fdw(att.kernel), self.out_channels, k)
         scale = self.att_multi if self.ksm_local is not None else 1.0
         if att.spatial is not None:
@@ -126,15 +133,15 @@ class _FrequencyDynamicLayer(nn.Module):
             weight = weight * local
         if not isinstance(scale, float) or scale != 1.0:
             weight = weight * scale
-        return att, weight.contiguous()
+        return weight.contiguous()
 
-    def _sample_weights_reusing_memory(self, pooled: torch.Tensor) -> tuple[GlobalAttention, torch.Tensor]:
+    def _synthesize_reusing_memory(
+            self, pooled: torch.Tensor, att: GlobalAttention) -> tuple[GlobalAttention, torch.Tensor]:
         """Inference on CPU, groups = 1: the same kernels with the fewest passes over B x |W| floats, in scratch
         memory (fresh multi-MB tensors cost more to map than to compute). The constant att_multi of the local
         factors moves to the channel attention, which scales the (smaller) input instead of the kernel."""
         k, b = self.fdw.kernel_size, pooled.shape[0]
         cout, cin = self.out_channels, self.in_channels
-        att = self.ksm_global(pooled)
         matrix = self.fdw(att.kernel, reuse_memory=True)  # (B, Cout*k, Cin*k)
         if self.ksm_local is None:
             weight = matrix_to_weight(matrix, cout, k)
@@ -318,10 +325,12 @@ class FDConv2d(_FrequencyDynamicLayer):
 
     def _dynamic_forward(self, x: torch.Tensor) -> torch.Tensor:
         att, weight = self.sample_weights(x.to(fft_dtype(x.dtype)).mean((2, 3)))
-        x_mod = self.fbm(x) if self.fbm is not None else x
-        x_mod = (x_mod * att.channel[:, :, None, None]).to(x.dtype)
-        y = self._conv(x_mod, weight.to(x.dtype))
-        return self._finish(y, att.filter, channel_dim=1)
+        with record_function('fdconv.fbm'):
+            x_mod = self.fbm(x) if self.fbm is not None else x
+        with record_function('fdconv.conv'):
+            x_mod = (x_mod * att.channel[:, :, None, None]).to(x.dtype)
+            y = self._conv(x_mod, weight.to(x.dtype))
+            return self._finish(y, att.filter, channel_dim=1)
 
 
 @register_notrace_module
@@ -383,7 +392,8 @@ class FDLinear(_FrequencyDynamicLayer):
         b = x.shape[0]
         tokens = x.reshape(b, -1, self.in_channels)
         att, weight = self.sample_weights(tokens.to(fft_dtype(x.dtype)).mean(1))
-        tokens = (tokens * att.channel[:, None, :]).to(x.dtype)
-        y = torch.bmm(tokens, weight.view(b, self.out_channels, self.in_channels).transpose(1, 2).to(x.dtype))
-        y = self._finish(y, att.filter, channel_dim=2)
+        with record_function('fdconv.conv'):
+            tokens = (tokens * att.channel[:, None, :]).to(x.dtype)
+            weight_t = weight.view(b, self.out_channels, self.in_channels).transpose(1, 2).to(x.dtype)
+            y = self._finish(torch.bmm(tokens, weight_t), att.filter, channel_dim=2)
         return y.view(*x.shape[:-1], self.out_channels)

@@ -6,8 +6,8 @@ Element-wise work (attention products, sigmoids) is not counted, as in timm's ow
 """
 from __future__ import annotations
 
+import ctypes
 import math
-import os
 import statistics
 import threading
 import time
@@ -100,19 +100,36 @@ def model_table(names: list[str], img_size: int | None = None) -> list[dict[str,
     return rows
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks',
+        'keepcost')]
+
+
+def _live_heap_bytes_fn():
+    """glibc's count of bytes handed out and not yet freed (heap + mmapped blocks), or None elsewhere."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+
+    def live() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
+    return live
+
+
 class PeakMemory:
-    """Peak memory a block allocates above what was in use when it started: CUDA's allocator statistics on
-    GPU; on CPU the process's resident set, sampled every millisecond by a thread (large tensors are mapped
-    and unmapped directly, so the resident set follows them)."""
+    """Peak memory a block allocates above what was live when it started: CUDA's allocator statistics on
+    GPU; on CPU glibc's live allocated bytes (mallinfo2), sampled every millisecond by a thread. Freed memory
+    that malloc keeps for reuse does not count, so runs that reuse memory are measured fairly."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.peak_bytes = 0
-
-    @staticmethod
-    def _rss() -> int:
-        with open('/proc/self/statm') as f:
-            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+        self._live = _live_heap_bytes_fn()
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == 'cuda':
@@ -120,12 +137,14 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
-        self._base = self._peak = self._rss()
+        if self._live is None:
+            raise RuntimeError('peak CPU memory needs glibc (mallinfo2)')
+        self._base = self._peak = self._live()
         self._stop = threading.Event()
 
         def sample() -> None:
-            while not self._stop.wait(0.001):
-                self._peak = max(self._peak, self._rss())
+            while not self._stop.wait(0.0005):
+                self._peak = max(self._peak, self._live())
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
         return self
@@ -137,7 +156,7 @@ class PeakMemory:
             return
         self._stop.set()
         self._thread.join()
-        self.peak_bytes = max(self._peak, self._rss()) - self._base
+        self.peak_bytes = max(self._peak, self._live()) - self._base
 
 
 def _sync(device: torch.device) -> None:

@@ -1,4 +1,4 @@
-"""The ``fdconv-zoo`` command: a demo of exact conversion, the list of architectures and tags."""
+"""The ``fdconv-zoo`` command: demo, list, bench, and the Hub operations convert, push, pull, info, card."""
 from __future__ import annotations
 
 import argparse
@@ -105,6 +105,62 @@ def _bench_line(r) -> str:
     return line
 
 
+def _hub_command(fn):
+    """Run a Hub operation; a HubError is one line on stderr and exit code 1, never a traceback."""
+    def run(args: argparse.Namespace) -> int:
+        from .hub import HubError
+        try:
+            return fn(args)
+        except (HubError, ValueError) as e:
+            print(f"fdconv-zoo {args.command}: {e}", file=sys.stderr)
+            return 1
+    return run
+
+
+@_hub_command
+def convert_cmd(args: argparse.Namespace) -> int:
+    from .hub import convert
+    out = convert(args.source, args.out_dir, arch=args.arch)
+    print(f"wrote {out}/model.safetensors and config.json")
+    return 0
+
+
+@_hub_command
+def push_cmd(args: argparse.Namespace) -> int:
+    from .hub import push
+    card = None
+    if args.manifest:
+        from .cards import load_manifest_entry, model_card
+        card = model_card(args.dir, args.repo_id, entry=load_manifest_entry(args.manifest))
+    repo = push(args.dir, args.repo_id, org=args.org, private=args.private, card=card)
+    print(f"pushed {args.dir} to {repo}")
+    return 0
+
+
+@_hub_command
+def pull_cmd(args: argparse.Namespace) -> int:
+    from .hub import pull
+    print(pull(args.repo_id, args.out_dir, revision=args.revision, org=args.org))
+    return 0
+
+
+@_hub_command
+def info_cmd(args: argparse.Namespace) -> int:
+    import json
+
+    from .hub import info
+    print(json.dumps(info(args.path_or_repo, revision=args.revision), indent=1))
+    return 0
+
+
+@_hub_command
+def card_cmd(args: argparse.Namespace) -> int:
+    from .cards import write_card
+    for entry in args.entries:
+        print(write_card(entry, args.out_root))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='fdconv-zoo', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -128,6 +184,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--breakdown', action='store_true', help='also profile the FDConv parts')
     p.add_argument('--out', default=None, help='write the results as JSON here')
     p.set_defaults(func=bench)
+    org_help = 'Hub organisation for repo ids without one (default: $FDCONV_ZOO_ORG or fdconv-zoo)'
+    p = sub.add_parser('convert', help='dense timm checkpoint (name/tag, hf-hub:id or local file) -> FDConv folder')
+    p.add_argument('source', help="e.g. resnet50.a1_in1k, hf-hub:timm/resnet50.a1_in1k or weights.safetensors")
+    p.add_argument('out_dir', help='output folder (model.safetensors + config.json)')
+    p.add_argument('--arch', help='FDConv architecture (default: the source architecture + _fdconv)')
+    p.set_defaults(func=convert_cmd)
+    p = sub.add_parser('push', help='upload a checkpoint folder or fine-tuning output to a Hub repo')
+    p.add_argument('dir')
+    p.add_argument('repo_id', help="'name' (uses --org) or 'org/name'")
+    p.add_argument('--org', help=org_help)
+    p.add_argument('--private', action='store_true')
+    p.add_argument('--manifest', help='models/<entry>.json to build the model card from')
+    p.set_defaults(func=push_cmd)
+    p = sub.add_parser('pull', help='download a checkpoint to the HF cache or a folder')
+    p.add_argument('repo_id')
+    p.add_argument('out_dir', nargs='?', default=None)
+    p.add_argument('--revision')
+    p.add_argument('--org', help=org_help)
+    p.set_defaults(func=pull_cmd)
+    p = sub.add_parser('info', help='what a checkpoint (folder or Hub repo) holds')
+    p.add_argument('path_or_repo')
+    p.add_argument('--revision')
+    p.set_defaults(func=info_cmd)
+    p = sub.add_parser('card', help='generate model_cards/<repo>/README.md from manifest entries')
+    p.add_argument('entries', nargs='+', help='models/*.json')
+    p.add_argument('--out-root', default='model_cards')
+    p.set_defaults(func=card_cmd)
     return parser
 
 

@@ -1,11 +1,28 @@
-"""Shared test setup: an isolated, offline HF cache (set before huggingface_hub is imported) and test helpers
-importable from this folder. Nothing here reaches the network."""
+"""Shared test setup, done before huggingface_hub is imported (it reads these at import): an isolated HF
+cache, and a Hub-protocol server on 127.0.0.1 (tests/hub_server.py) as HF_ENDPOINT. Nothing reaches the
+network; test helpers in this folder are importable."""
 import os
 import sys
 import tempfile
 
-os.environ['HF_HOME'] = tempfile.mkdtemp(prefix='fdconv-zoo-hf-')
-os.environ['HF_HUB_OFFLINE'] = '1'
-os.environ['HF_DATASETS_OFFLINE'] = '1'
-os.environ.pop('HF_HUB_CACHE', None)
+import pytest
+
 sys.path.insert(0, os.path.dirname(__file__))
+from hub_server import HubServer  # noqa: E402
+
+_HUB = HubServer().start()
+os.environ['HF_HOME'] = tempfile.mkdtemp(prefix='fdconv-zoo-hf-')
+os.environ['HF_ENDPOINT'] = _HUB.url
+os.environ['HF_HUB_DISABLE_XET'] = '1'
+os.environ['HF_HUB_DISABLE_TELEMETRY'] = '1'
+os.environ['HF_HUB_ETAG_TIMEOUT'] = '5'
+os.environ['HF_DATASETS_OFFLINE'] = '1'
+os.environ['HF_TOKEN'] = 'hf_test_token_never_printed'
+for var in ('HF_HUB_OFFLINE', 'HF_HUB_CACHE', 'HUGGINGFACE_HUB_CACHE'):
+    os.environ.pop(var, None)
+
+
+@pytest.fixture
+def hub() -> HubServer:
+    """The session's Hub-protocol server (its repos persist across tests; use unique repo names)."""
+    return _HUB

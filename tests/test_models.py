@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from hub_cache import prefill_hf_cache
 from safetensors.torch import save
 from timm.models import save_for_hf
 
@@ -23,18 +22,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def serve_dense(dense_name: str, tag_name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
-    """Random dense timm weights, cached as the tag's Hub repo (e.g. timm/resnet50.a1_in1k)."""
+def serve_dense(hub, dense_name: str, tag_name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """Random dense timm weights, served as the tag's Hub repo (e.g. timm/resnet50.a1_in1k)."""
     torch.manual_seed(seed)
     dense = liven_(timm.create_model(dense_name, **kwargs), seed).eval()
     repo = timm.models.get_pretrained_cfg(tag_name).hf_hub_id
-    prefill_hf_cache(repo, {'model.safetensors': save(dense.state_dict())})
+    hub.add_files(repo, {'model.safetensors': save(dense.state_dict())})
     return dense
 
 
 @pytest.mark.parametrize('tag,dense_name,size', FAMILIES, ids=[f[1] for f in FAMILIES])
-def test_pretrained_tag_converts_dense_checkpoint_exactly(tag, dense_name, size):
-    dense = serve_dense(dense_name, tag)
+def test_pretrained_tag_converts_dense_checkpoint_exactly(hub, tag, dense_name, size):
+    dense = serve_dense(hub, dense_name, tag)
     model = timm.create_model(tag, pretrained=True).eval()
     assert any(isinstance(m, (FDConv2d, FDLinear)) for m in model.modules())
     x = torch.randn(2, 3, size, size)
@@ -45,23 +44,23 @@ def test_pretrained_tag_converts_dense_checkpoint_exactly(tag, dense_name, size)
     assert model(torch.randn(1, 1, size, size)).shape == (1, 7)
 
 
-def test_pretrained_filter_passes_native_fdconv_weights():
+def test_pretrained_filter_passes_native_fdconv_weights(hub):
     torch.manual_seed(1)
     src = timm.create_model('resnet18_fdconv').eval()
     with torch.no_grad():
         for p in src.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    prefill_hf_cache('timm/resnet18.tv_in1k', {'model.safetensors': save(src.state_dict())})
+    hub.add_files('timm/resnet18.tv_in1k', {'model.safetensors': save(src.state_dict())})
     model = timm.create_model('resnet18_fdconv.tv_in1k', pretrained=True).eval()
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         torch.testing.assert_close(model(x), src(x))
 
 
-def test_pretrained_wrong_shape_names_the_key():
+def test_pretrained_wrong_shape_names_the_key(hub):
     dense = timm.create_model('resnet18').state_dict()
     dense['layer1.0.conv1.weight'] = torch.zeros(64, 32, 3, 3)
-    prefill_hf_cache('timm/resnet18.a1_in1k', {'model.safetensors': save(dense)})
+    hub.add_files('timm/resnet18.a1_in1k', {'model.safetensors': save(dense)})
     with pytest.raises(ValueError, match=r"layer1\.0\.conv1.*\(64, 32, 3, 3\).*\(64, 64, 3, 3\)"):
         timm.create_model('resnet18_fdconv.a1_in1k', pretrained=True)
 

@@ -1,0 +1,162 @@
+"""Hub IO against the Hub-protocol test server (tests/hub_server.py) with the real huggingface_hub client."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from hub_cache import prefill_hf_cache
+from safetensors.torch import save, save_file
+
+import fdconv_zoo  # noqa: F401
+from fdconv_zoo.benchmark import liven_
+from fdconv_zoo.cards import load_manifest_entry, write_card
+from fdconv_zoo.cli import main as cli
+from fdconv_zoo.hub import HubError, convert, info, load_checkpoint, pull, push
+
+
+@pytest.fixture
+def dense_r18(hub):
+    torch.manual_seed(0)
+    dense = liven_(timm.create_model('resnet18')).eval()
+    hub.add_files('timm/resnet18.a1_in1k', {'model.safetensors': save(dense.state_dict())})
+    return dense
+
+
+@pytest.fixture
+def converted(tmp_path, dense_r18) -> Path:
+    return convert('resnet18.a1_in1k', tmp_path / 'ckpt')
+
+
+def test_convert_writes_save_for_hf_folder_that_matches_dense(converted, dense_r18):
+    assert sorted(p.name for p in converted.iterdir()) == ['config.json', 'model.safetensors']
+    config = json.loads((converted / 'config.json').read_text())
+    assert config['architecture'] == 'resnet18_fdconv' and config['num_classes'] == 1000
+    model = timm.create_model(f'local-dir:{converted}', pretrained=True).eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        y, ref = model(x), dense_r18(x)
+    assert ((y - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_push_pull_create_model_round_trip_is_bit_identical(hub, converted, tmp_path):
+    repo = push(converted, 'roundtrip-r18', org='zoo-test')
+    assert repo == 'zoo-test/roundtrip-r18'
+    stored = hub.state.repos[repo].files
+    assert set(stored) == {'model.safetensors', 'config.json', 'README.md'}
+    card = stored['README.md'].decode()
+    assert 'library_name: timm' in card and 'import fdconv_zoo' in card
+    out = pull(repo, tmp_path / 'pulled')
+    assert (out / 'model.safetensors').read_bytes() == (converted / 'model.safetensors').read_bytes()
+    from_hub = timm.create_model(f'hf-hub:{repo}', pretrained=True)
+    local = load_checkpoint(converted)
+    for (k, a), (_, b) in zip(from_hub.state_dict().items(), local.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    cached = pull(repo)  # into the HF cache
+    assert (cached / 'config.json').is_file()
+
+
+def test_org_from_environment(hub, converted, monkeypatch):
+    monkeypatch.setenv('FDCONV_ZOO_ORG', 'env-org')
+    assert push(converted, 'env-model') == 'env-org/env-model'
+
+
+def test_info_reads_header_only(hub, converted):
+    local = info(str(converted))
+    assert local['architecture'] == 'resnet18_fdconv' and local['fdconv_layers'] == 16
+    assert abs(local['params'] - sum(p.numel() for p in timm.create_model('resnet18_fdconv').parameters())) == 0
+    push(converted, 'zoo-test/info-r18')
+    assert info('zoo-test/info-r18')['params'] == local['params']
+
+
+def test_pull_errors_name_repo_and_leave_nothing(hub, tmp_path):
+    with pytest.raises(HubError, match='zoo-test/does-not-exist not found'):
+        pull('zoo-test/does-not-exist', tmp_path / 'out')
+    assert not (tmp_path / 'out').exists() and not list(tmp_path.glob('.out.*'))
+    hub.add_files('zoo-test/no-weights', {'config.json': b'{"architecture": "resnet18_fdconv"}'})
+    with pytest.raises(HubError, match='model.safetensors'):
+        pull('zoo-test/no-weights', tmp_path / 'out2')
+    assert not (tmp_path / 'out2').exists()
+
+
+def test_corrupt_and_mismatched_checkpoints_are_refused(hub, converted, tmp_path):
+    data = (converted / 'model.safetensors').read_bytes()
+    config = (converted / 'config.json').read_bytes()
+    hub.add_files('zoo-test/truncated', {'model.safetensors': data[:len(data) // 2], 'config.json': config})
+    with pytest.raises(HubError, match='model.safetensors is not a readable safetensors file'):
+        pull('zoo-test/truncated', tmp_path / 'a')
+    assert not (tmp_path / 'a').exists()
+    other = json.loads(config)
+    other['architecture'] = 'convnext_tiny_fdconv'
+    hub.add_files('zoo-test/wrong-arch', {'model.safetensors': data, 'config.json': json.dumps(other).encode()})
+    with pytest.raises(HubError, match='does not fit FDConvNeXt'):
+        pull('zoo-test/wrong-arch', tmp_path / 'b')
+    dense = json.loads(config)
+    dense['architecture'] = 'resnet18'
+    (converted / 'config.json').write_text(json.dumps(dense))
+    with pytest.raises(HubError, match="architecture 'resnet18' is not an fdconv_zoo architecture"):
+        push(converted, 'zoo-test/not-fdconv')
+    sd = timm.create_model('resnet18_fdconv').state_dict()
+    sd['layer1.0.conv1.fdw.spectrum'] = torch.zeros(3, 3, 2)
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    save_file(sd, bad / 'model.safetensors')
+    (bad / 'config.json').write_text(config.decode())
+    with pytest.raises(HubError, match=r"key 'layer1.0.conv1.fdw.spectrum' has shape \(3, 3, 2\)"):
+        load_checkpoint(bad)
+
+
+def test_connection_refused_is_one_clear_error(tmp_path):
+    env = {**os.environ, 'HF_ENDPOINT': 'http://127.0.0.1:9', 'HF_HOME': str(tmp_path / 'hf')}
+    proc = subprocess.run([sys.executable, '-m', 'fdconv_zoo.cli', 'pull', 'zoo-test/x', str(tmp_path / 'o')],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.count('\n') == 1 and 'zoo-test/x' in proc.stderr and 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'o').exists()
+
+
+def test_offline_pull_from_prefilled_cache(converted, tmp_path):
+    """HF_HUB_OFFLINE=1 with a cache this test fills: pull and create_model resolve without any server."""
+    files = {name: (converted / name).read_bytes() for name in ('model.safetensors', 'config.json')}
+    hf_home = tmp_path / 'hf'
+    env = {**os.environ, 'HF_HOME': str(hf_home), 'HF_HUB_OFFLINE': '1', 'HF_ENDPOINT': 'http://127.0.0.1:9'}
+    os.environ['HF_HOME'], old = str(hf_home), os.environ['HF_HOME']
+    try:
+        prefill_hf_cache('zoo-test/offline', files)
+    finally:
+        os.environ['HF_HOME'] = old
+    code = ("import timm, fdconv_zoo; from fdconv_zoo.hub import pull; print(pull('zoo-test/offline')); "
+            "m = timm.create_model('hf-hub:zoo-test/offline', pretrained=True); print(type(m).__name__)")
+    proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'FDResNet' in proc.stdout
+
+
+def test_token_is_never_printed(hub, converted, capsys):
+    assert cli(['push', str(converted), 'zoo-test/token-check']) == 0
+    assert cli(['info', 'zoo-test/token-check']) == 0
+    out = capsys.readouterr()
+    assert os.environ['HF_TOKEN'] not in out.out + out.err
+
+
+def test_manifest_entry_to_model_card(tmp_path):
+    entry = {
+        'architecture': 'resnet50_fdconv', 'tag': 'ft_food101', 'hub_repo': 'fdconv-zoo/resnet50_fdconv.ft_food101',
+        'source_checkpoint': 'timm/resnet50.a1_in1k', 'recipe': 'scripts/finetune.py, 10 epochs, AdamW',
+        'metrics': [{'dataset': 'food101', 'split': 'validation', 'name': 'top1', 'value': 80.1}],
+        'params': 29202712, 'gflops': 9.72, 'throughput': {'cpu_bs1_img_s': 4.1}, 'license': 'apache-2.0',
+        'sha256': '0' * 64}
+    path = tmp_path / 'entry.json'
+    path.write_text(json.dumps(entry))
+    card = write_card(path, tmp_path / 'cards').read_text()
+    assert card.startswith('---\n') and 'library_name: timm' in card and 'model-index' in card
+    assert 'food101' in card and 'value: 80.1' in card
+    del entry['sha256']
+    path.write_text(json.dumps(entry))
+    with pytest.raises(ValueError, match=r"missing manifest fields \['sha256'\]"):
+        load_manifest_entry(path)

@@ -174,7 +174,9 @@ class _FrequencyDynamicLayer(nn.Module):
         self._check_input(x)
         if self.recompute and torch.is_grad_enabled():
             # per-sample kernels are B x |W| floats: rebuild them in backward rather than keep them alive
-            return checkpoint(self._dynamic_forward, x, use_reentrant=False, preserve_rng_state=False)
+            if torch.compiler.is_compiling():
+                return checkpoint(self._dynamic_forward, x, use_reentrant=False, preserve_rng_state=False)
+            return _RecomputeInBackward.apply(self, x, *self.parameters())
         return self._dynamic_forward(x)
 
     def _finish(self, y: torch.Tensor, filter_att: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
@@ -185,6 +187,28 @@ class _FrequencyDynamicLayer(nn.Module):
         if self.bias is not None:
             y = y + self.bias.view(shape[1:]).to(y.dtype)
         return y
+
+
+class _RecomputeInBackward(torch.autograd.Function):
+    """Activation checkpointing of one layer whose forward runs the no-grad path (scratch memory, fewest
+    passes); backward rebuilds the kernels with autograd and differentiates them. Only the input is kept."""
+
+    @staticmethod
+    def forward(ctx, layer: _FrequencyDynamicLayer, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x)
+        return layer._dynamic_forward(x)  # autograd.Function.forward runs without grad
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        params = list(ctx.layer.parameters())
+        x = x.detach().requires_grad_(ctx.needs_input_grad[1])
+        wanted = [t for t, need in zip([x, *params], ctx.needs_input_grad[1:], strict=True) if need]
+        with torch.enable_grad():
+            y = ctx.layer._dynamic_forward(x)
+        grads = iter(torch.autograd.grad(y, wanted, grad_out, allow_unused=True))
+        return (None, *(next(grads) if need else None for need in ctx.needs_input_grad[1:]))
 
 
 @register_notrace_module

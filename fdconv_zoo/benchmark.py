@@ -230,6 +230,8 @@ def compare(fd_name: str, mode: str, batch_size: int, img_size: int, repeats: in
     models = {'dense': timm.create_model(fd_name.replace('_fdconv', '')), 'fdconv': timm.create_model(fd_name)}
     for m in models.values():
         m.to(device).train(mode == 'train')
+    if models['fdconv'].pretrained_cfg.get('fixed_input_size'):  # e.g. Swin: only its own resolution
+        img_size = models['fdconv'].pretrained_cfg['input_size'][-1]
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     target = torch.randint(0, 1000, (batch_size,), device=device)
     optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in models.items()}

@@ -1,0 +1,172 @@
+"""scripts/finetune.py / fdconv_zoo.finetune on small real data (scikit-learn's digits), offline, on CPU."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from fdconv_zoo.finetune import build_parser, main, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def digits_images(n: int | None = None):
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = [Image.fromarray((img * 255 / 16).astype(np.uint8), mode='L') for img in digits.images[:n]]
+    return images, [int(t) for t in digits.target[:n]]
+
+
+@pytest.fixture(scope='module')
+def digits_dataset(tmp_path_factory) -> str:
+    """The 1,797 8x8 digits as an HF dataset with train/validation splits, saved with save_to_disk."""
+    import datasets
+    images, labels = digits_images()
+    features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=[str(i) for i in
+                                                                                                  range(10)])})
+    ds = datasets.Dataset.from_dict({'image': images, 'label': labels}, features=features)
+    parts = ds.train_test_split(test_size=0.2, seed=0, stratify_by_column='label')
+    path = tmp_path_factory.mktemp('digits') / 'ds'
+    datasets.DatasetDict(train=parts['train'], validation=parts['test']).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, PartialState
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+# narrow, shallow FDConv nets: per-sample kernels dominate FDConv's cost on tiny images, so keep |W| small
+SMALL_RESNET = ['--model', 'resnet18_fdconv', '--model-kwargs', 'channels=[32,32,64,64]', 'stem_width=32',
+                'layers=[1,1,1,1]', 'num_freq_groups=16']
+SMALL_CONVNEXT = ['--model', 'convnext_tiny_fdconv', '--model-kwargs', 'dims=[32,32,64,64]', 'depths=[1,1,1,1]',
+                  'num_freq_groups=16']
+
+
+def args_for(tmp_path: Path, *extra: str):
+    return build_parser().parse_args([
+        '--no-pretrained', '--img-size', '32', '--workers', '0', '--output-dir', str(tmp_path / 'run'),
+        '--seed', '0', *extra])
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_run_learns_digits(digits_dataset, tmp_path):
+    env = {**os.environ, 'ACCELERATE_USE_CPU': '1', 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--main_process_port', '0', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+           str(ROOT / 'scripts' / 'finetune.py'), *SMALL_RESNET, '--no-pretrained',
+           '--dataset', digits_dataset, '--img-size', '32', '--batch-size', '32', '--epochs', '3', '--lr', '3e-3',
+           '--warmup-epochs', '0', '--workers', '0', '--expect-num-processes', '2', '--no-augment',
+           '--output-dir', str(tmp_path / 'run')]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results = json.loads((tmp_path / 'run' / 'results.json').read_text())
+    assert results['num_processes'] == 2
+    assert results['samples'] == 360  # every validation image once, none twice
+    losses = [h['loss'] for h in results['train_loss']]
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    assert results['top1'] > 60, results['top1']  # chance is 10
+    config = json.loads((tmp_path / 'run' / 'model' / 'config.json').read_text())
+    assert config['label_names'] == [str(i) for i in range(10)]
+    assert config['pretrained_cfg']['input_size'] == [3, 32, 32]
+
+
+@pytest.mark.slow
+def test_one_process_batch8_equals_two_processes_batch4(digits_dataset, tmp_path):
+    common = [*SMALL_CONVNEXT, '--no-pretrained', '--dataset', digits_dataset, '--img-size', '32',
+              '--opt', 'momentum', '--momentum', '0', '--weight-decay', '0', '--lr', '0.05', '--max-steps', '2',
+              '--no-shuffle', '--no-augment', '--workers', '0', '--epochs', '1', '--seed', '0']
+    env = {**os.environ, 'ACCELERATE_USE_CPU': '1', 'OMP_NUM_THREADS': '1'}
+    launch = [sys.executable, '-m', 'accelerate.commands.launch', '--num_machines', '1', '--main_process_port', '0',
+              '--mixed_precision', 'no', '--dynamo_backend', 'no']
+    runs = {'one': launch + ['--num_processes', '1'] + [str(ROOT / 'scripts' / 'finetune.py'), *common,
+                                                         '--batch-size', '8', '--expect-num-processes', '1'],
+            'two': launch + ['--multi_gpu', '--num_processes', '2'] + [str(ROOT / 'scripts' / 'finetune.py'), *common,
+                                                                         '--batch-size', '4', '--expect-num-processes',
+                                                                         '2']}
+    weights = {}
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd + ['--output-dir', str(tmp_path / name)], env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        weights[name] = load_file(str(tmp_path / name / 'model' / 'model.safetensors'))
+    for key, value in weights['one'].items():
+        torch.testing.assert_close(weights['two'][key], value, atol=2e-5, rtol=1e-4, msg=key)
+    from accelerate.utils import set_seed
+    set_seed(0)
+    init = timm.create_model('convnext_tiny_fdconv', dims=[32, 32, 64, 64], depths=[1, 1, 1, 1], num_freq_groups=16,
+                             num_classes=10).state_dict()
+    assert sum(not torch.equal(init[k], v) for k, v in weights['one'].items()) > 10  # the two steps did train
+
+
+def test_interrupted_run_resumes_at_saved_step_with_saved_states(digits_dataset, tmp_path):
+    common = [*SMALL_RESNET, '--dataset', digits_dataset, '--batch-size', '16', '--no-shuffle',
+              '--no-augment', '--lr', '1e-3', '--model-ema', '--epochs', '1', '--warmup-epochs', '0.1']
+    full = train(args_for(tmp_path / 'full', *common, '--max-steps', '4'))
+    from accelerate.state import AcceleratorState, PartialState
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    part = args_for(tmp_path / 'part', *common, '--max-steps', '3', '--checkpoint-every', '2')
+    train(part)
+    ckpts = sorted(p.name for p in (tmp_path / 'part' / 'run' / 'checkpoints').iterdir())
+    assert ckpts == ['step_2']  # no .tmp left behind
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    resumed = train(args_for(tmp_path / 'part', *common, '--max-steps', '4', '--resume', 'latest'))
+    assert resumed['steps'] == 4 and full['steps'] == 4
+    a = load_file(str(tmp_path / 'full' / 'run' / 'model' / 'model.safetensors'))
+    b = load_file(str(tmp_path / 'part' / 'run' / 'model' / 'model.safetensors'))
+    for key in a:  # optimizer, scheduler, EMA and data position all restored: same weights as uninterrupted
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_bf16_step_and_dataset_without_validation_split(tmp_path):
+    import datasets
+    images, labels = digits_images(300)
+    features = datasets.Features({'img': datasets.Image(), 'digit': datasets.ClassLabel(num_classes=10)})
+    path = tmp_path / 'train_only'
+    datasets.Dataset.from_dict({'img': images, 'digit': labels}, features=features).save_to_disk(str(path))
+    results = train(args_for(tmp_path, *SMALL_RESNET, '--dataset', str(path), '--batch-size', '8',
+                             '--max-steps', '1', '--mixed-precision', 'bf16', '--val-fraction', '0.2',
+                             '--report-to', 'tensorboard'))
+    assert results['samples'] == 60 and np.isfinite(results['loss'])
+    assert list((tmp_path / 'run').rglob('events.out.tfevents.*'))
+    assert np.isfinite(results['train_loss'][0]['loss'])
+
+
+def test_image_folders(tmp_path):
+    images, labels = digits_images(60)
+    for split, sl in (('train', slice(0, 40)), ('val', slice(40, 60))):
+        for i, (img, lab) in enumerate(zip(images[sl], labels[sl], strict=True)):
+            folder = tmp_path / split / f'digit_{lab}'
+            folder.mkdir(parents=True, exist_ok=True)
+            img.save(folder / f'{i}.png')
+    results = train(args_for(tmp_path, *SMALL_RESNET, '--train-dir', str(tmp_path / 'train'),
+                             '--val-dir', str(tmp_path / 'val'), '--batch-size', '8', '--max-steps', '1'))
+    assert results['samples'] == 20
+    config = json.loads((tmp_path / 'run' / 'model' / 'config.json').read_text())
+    assert config['label_names'][0] == 'digit_0'
+
+
+def test_missing_or_malformed_dataset_is_one_clear_error(tmp_path, capsys):
+    assert main(['--dataset', str(tmp_path / 'nope'), '--output-dir', str(tmp_path / 'o')]) == 2
+    assert 'nope: no such folder' in capsys.readouterr().err
+    (tmp_path / 'junk').mkdir()
+    assert main(['--dataset', str(tmp_path / 'junk'), '--output-dir', str(tmp_path / 'o')]) == 2
+    assert 'not a dataset saved with save_to_disk' in capsys.readouterr().err
+    assert main(['--train-dir', str(tmp_path / 'missing'), '--output-dir', str(tmp_path / 'o')]) == 2
+    assert not (tmp_path / 'o' / 'results.json').exists()

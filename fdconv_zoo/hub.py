@@ -112,29 +112,37 @@ def _load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
     model.load_state_dict(state_dict)
 
 
-def _dense_source(source: str, arch: str | None) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
-    """(state dict, FDConv architecture, pretrained cfg) of a dense source: a local safetensors file, a timm
-    name/tag or an hf-hub: id (downloaded through timm, safetensors only)."""
+def _dense_source(source: str, arch: str | None) -> tuple[dict[str, torch.Tensor], str, int, dict[str, Any]]:
+    """(state dict, FDConv architecture, classes, pretrained cfg) of a dense source: a local safetensors file,
+    a timm name/tag or an hf-hub: id (downloaded through timm, safetensors preferred)."""
     if os.path.exists(source):
         if not arch:
             raise HubError(f"converting the local file {source} needs --arch (an FDConv architecture)")
-        return read_weights(source), arch, {}
+        _check_arch(arch)
+        state_dict = read_weights(source)
+        head = f"{timm.models.get_pretrained_cfg(arch).classifier}.weight"
+        if head not in state_dict:
+            raise HubError(f"{source}: no classifier weight '{head}' (is it a {arch.replace('_fdconv', '')} "
+                           f"checkpoint?)")
+        return state_dict, arch, state_dict[head].shape[0], {}
     try:
         dense = timm.create_model(source, pretrained=True)
     except RuntimeError as e:
         raise HubError(f"could not load dense checkpoint {source!r}: {e}") from None
-    name = arch or f"{dense.pretrained_cfg.get('architecture') or source.split('.')[0]}_fdconv"
-    return dense.state_dict(), name, dict(dense.pretrained_cfg)
+    arch = arch or f"{dense.pretrained_cfg.get('architecture') or source.split('.')[0]}_fdconv"
+    _check_arch(arch)
+    return dense.state_dict(), arch, dense.num_classes, dict(dense.pretrained_cfg)
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in timm.list_models('*_fdconv'):
+        raise HubError(f"{arch!r} is not an fdconv_zoo architecture (one of {timm.list_models('*_fdconv')})")
 
 
 def convert(source: str, out_dir: str | os.PathLike, arch: str | None = None, **fdconv_options: Any) -> Path:
     """Dense timm checkpoint -> FDConv checkpoint folder (model.safetensors + config.json, save_for_hf layout).
     The converted model reproduces the dense one exactly at step 0."""
-    state_dict, arch, source_cfg = _dense_source(source, arch)
-    if arch not in timm.list_models('*_fdconv'):
-        raise HubError(f"{arch!r} is not an fdconv_zoo architecture (one of {timm.list_models('*_fdconv')})")
-    head = [k for k in state_dict if k.endswith(('fc.weight', 'head.fc.weight', 'head.weight'))]
-    num_classes = state_dict[head[-1]].shape[0] if head else 1000
+    state_dict, arch, num_classes, source_cfg = _dense_source(source, arch)
     model = timm.create_model(arch, num_classes=num_classes, **fdconv_options)
     try:
         converted = fdconv_checkpoint_filter(state_dict, model)

@@ -160,3 +160,18 @@ def test_manifest_entry_to_model_card(tmp_path):
     path.write_text(json.dumps(entry))
     with pytest.raises(ValueError, match=r"missing manifest fields \['sha256'\]"):
         load_manifest_entry(path)
+
+
+def test_cli_convert_local_file_needs_and_checks_arch(tmp_path, dense_r18, capsys):
+    src = tmp_path / 'dense.safetensors'
+    save_file(dense_r18.state_dict(), src)
+    assert cli(['convert', str(src), str(tmp_path / 'no-arch')]) == 1
+    assert '--arch' in capsys.readouterr().err
+    assert cli(['convert', str(src), str(tmp_path / 'wrong'), '--arch', 'convnext_tiny_fdconv']) == 1
+    assert "no classifier weight 'head.fc.weight'" in capsys.readouterr().err
+    assert not (tmp_path / 'wrong').exists()
+    assert cli(['convert', str(src), str(tmp_path / 'ok'), '--arch', 'resnet18_fdconv']) == 0
+    model = load_checkpoint(tmp_path / 'ok').eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert ((model(x) - dense_r18(x)).abs().max() / dense_r18(x).abs().max()) < 1e-5

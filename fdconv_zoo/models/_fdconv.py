@@ -1,6 +1,7 @@
 """What every FDConv model family shares: its constructor options, the pretrained filter, the cfg of a tag."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -13,19 +14,10 @@ from ..layers.reference import reference_to_native
 
 FDCONV_PAPER = 'arXiv:2503.18783'
 
-# FDConv options a model constructor accepts (JSON-friendly, so they survive timm's config.json model_args)
-FDCONV_OPTIONS: dict[str, Any] = dict(
-    num_freq_groups=64,
-    att_multi=2.0,
-    temperature=1.0,
-    kernel_temperature=1.0,
-    reduction=0.0625,
-    min_hidden=16,
-    ksm_local=True,
-    fbm=None,
-    fbm_cutoffs=(2, 4, 8),
-    recompute=True,
-)
+# FDConv options a model constructor accepts: FDConv2d's keyword-only arguments and their defaults (JSON-friendly,
+# so they survive timm's config.json model_args)
+FDCONV_OPTIONS: dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(FDConv2d).parameters.items() if p.kind is p.KEYWORD_ONLY}
 
 
 def fdconv_options(**overrides: Any) -> dict[str, Any]:

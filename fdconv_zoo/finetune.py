@@ -373,7 +373,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     final = evaluate(ema.module if ema is not None else model, val_loader, accelerator)
     results = {**final, 'steps': step, 'model': args.model, 'num_classes': len(names),
-               'num_processes': accelerator.num_processes, 'dataset': args.dataset or args.train_dir,
+               'num_processes': accelerator.num_processes, 'data_source': args.dataset or args.train_dir,
+               # a Hub dataset id goes into the model card's metadata; local data is 'custom'
+               'dataset': args.dataset if args.dataset and not os.path.exists(args.dataset) else 'custom',
                'split': 'validation', 'train_loss': history}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

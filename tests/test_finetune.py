@@ -148,18 +148,25 @@ def test_bf16_step_and_dataset_without_validation_split(tmp_path):
     assert np.isfinite(results['train_loss'][0]['loss'])
 
 
-def test_image_folders(tmp_path):
+def test_image_folders_with_timm_training_parts_and_push(hub, tmp_path):
     images, labels = digits_images(60)
     for split, sl in (('train', slice(0, 40)), ('val', slice(40, 60))):
         for i, (img, lab) in enumerate(zip(images[sl], labels[sl], strict=True)):
             folder = tmp_path / split / f'digit_{lab}'
             folder.mkdir(parents=True, exist_ok=True)
             img.save(folder / f'{i}.png')
-    results = train(args_for(tmp_path, *SMALL_RESNET, '--train-dir', str(tmp_path / 'train'),
-                             '--val-dir', str(tmp_path / 'val'), '--batch-size', '8', '--max-steps', '1'))
-    assert results['samples'] == 20
+    results = train(args_for(
+        tmp_path, *SMALL_RESNET, '--train-dir', str(tmp_path / 'train'), '--val-dir', str(tmp_path / 'val'),
+        '--batch-size', '8', '--max-steps', '2', '--mixup', '0.2', '--cutmix', '1.0', '--smoothing', '0.1',
+        '--layer-decay', '0.8', '--grad-accum', '2', '--clip-grad', '1.0', '--model-ema', '--push-to-hub',
+        '--hub-repo-id', 'zoo-test/digits-folder'))
+    assert results['samples'] == 20 and results['steps'] == 2
+    assert all(np.isfinite(h['loss']) for h in results['train_loss'])
     config = json.loads((tmp_path / 'run' / 'model' / 'config.json').read_text())
     assert config['label_names'][0] == 'digit_0'
+    pushed = hub.state.repos['zoo-test/digits-folder'].files
+    assert {'model.safetensors', 'config.json', 'README.md'} <= set(pushed)
+    assert 'top1' in pushed['README.md'].decode()
 
 
 def test_missing_or_malformed_dataset_is_one_clear_error(tmp_path, capsys):

@@ -54,7 +54,8 @@ def demo(args: argparse.Namespace) -> int:
 def list_models(args: argparse.Namespace) -> int:
     """Architectures with parameter counts, then every pretrained tag and the Hub repo it loads."""
     for name in timm.list_models('*_fdconv'):
-        params = count_params(timm.create_model(name)) / 1e6
+        with torch.device('meta'):  # shapes only, nothing allocated
+            params = count_params(timm.create_model(name)) / 1e6
         print(f"{name:42s} {params:7.2f}M params")
         for tag in timm.list_pretrained(f'{name}.*'):
             print(f"    {tag:52s} <- hf-hub:{timm.models.get_pretrained_cfg(tag).hf_hub_id}")

@@ -1,0 +1,35 @@
+"""The fdconv-zoo command's demo, list and bench (the Hub commands are in test_hub.py)."""
+from __future__ import annotations
+
+import json
+import re
+
+from fdconv_zoo.cli import main as cli
+
+
+def test_demo_shows_exact_conversion_and_cost(capsys):
+    assert cli(['demo', '--model', 'resnet18_fdconv', '--img-size', '64', '--repeats', '1']) == 0
+    out = capsys.readouterr().out
+    err = float(re.search(r'max relative error ([\d.e+-]+)', out).group(1))
+    assert 0 < err <= 1e-5  # non-zero: the residual branches are live, so the comparison means something
+    assert 'params: 11.69M dense -> 12.26M FDConv' in out and 'GFLOPs' in out
+
+
+def test_list_names_every_architecture_and_tag(capsys):
+    assert cli(['list']) == 0
+    out = capsys.readouterr().out
+    assert re.search(r'resnet50_fdconv\s+29\.20M params', out)
+    assert 'resnet50_fdconv.a1_in1k' in out and 'hf-hub:timm/resnet50.a1_in1k' in out
+    assert out.count('_fdconv ') == 11
+
+
+def test_bench_writes_measured_ratios(tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    assert cli(['bench', '--models', 'resnet18_fdconv', '--batch-sizes', '1', '--img-size', '64',
+                '--train-batch-size', '2', '--train-img-size', '64', '--repeats', '1', '--out', str(out)]) == 0
+    rows = json.loads(out.read_text())['rows']
+    assert [(r['mode'], r['batch_size']) for r in rows] == [('eval', 1), ('train', 2)]
+    for r in rows:
+        assert r['dense_ms'] > 0 and r['fdconv_ms'] > 0 and r['time_ratio'] == r['fdconv_ms'] / r['dense_ms']
+    assert rows[1]['fdconv_peak_mb'] > 0 and rows[1]['dense_peak_mb'] > 0
+    assert 'ratio' in capsys.readouterr().out

@@ -237,6 +237,8 @@ def push(folder: str | os.PathLike, repo_id: str, org: str | None = None, privat
 
     from .cards import model_card
     folder = Path(folder)
+    if not (folder / CONFIG).is_file() and (folder / 'model' / CONFIG).is_file():
+        folder = folder / 'model'  # a fine-tuning run's output folder
     model = load_checkpoint(folder)  # refuse to publish what would not load
     repo_id = full_repo_id(repo_id, org)
     if card is None:

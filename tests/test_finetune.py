@@ -167,6 +167,9 @@ def test_image_folders_with_timm_training_parts_and_push(hub, tmp_path):
     pushed = hub.state.repos['zoo-test/digits-folder'].files
     assert {'model.safetensors', 'config.json', 'README.md'} <= set(pushed)
     assert 'top1' in pushed['README.md'].decode()
+    from fdconv_zoo.hub import push
+    assert push(tmp_path / 'run', 'zoo-test/run-folder') == 'zoo-test/run-folder'  # the run folder itself
+    assert hub.state.repos['zoo-test/run-folder'].files['model.safetensors'] == pushed['model.safetensors']
 
 
 def test_missing_or_malformed_dataset_is_one_clear_error(tmp_path, capsys):

@@ -95,8 +95,6 @@ def load_reference_checkpoint(
             continue
         prefix = f'{name}.'
         layer_sd = {k[len(prefix):]: sd.pop(k) for k in list(sd) if k.startswith(prefix)}
-        if isinstance(module, FDLinear):
-            layer_sd = {k: v.reshape(*v.shape, 1, 1) if k == 'weight' else v for k, v in layer_sd.items()}
         try:
             native, missing = reference_to_native(module, layer_sd)
         except (KeyError, ValueError) as e:

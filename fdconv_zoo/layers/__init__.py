@@ -1,12 +1,18 @@
 """Math-only FDConv building blocks: FDW, KSM, FBM and the layers that compose them."""
 from .fbm import FBM, low_pass_masks
 from .fdconv import FDConv2d, FDLinear
-from .fdw import FourierDisjointWeight, matrix_to_weight, radial_grouping, weight_to_matrix
+from .fdw import (
+    FourierDisjointWeight,
+    dense_spectrum,
+    matrix_to_weight,
+    radial_grouping,
+    weight_to_matrix,
+)
 from .ksm import GlobalAttention, KSMGlobal, KSMLocal, local_kernel_size
 from .workspace import release_workspace
 
 __all__ = [
     'FBM', 'FDConv2d', 'FDLinear', 'FourierDisjointWeight', 'GlobalAttention', 'KSMGlobal', 'KSMLocal',
-    'local_kernel_size', 'low_pass_masks', 'matrix_to_weight', 'radial_grouping', 'release_workspace',
+    'dense_spectrum', 'local_kernel_size', 'low_pass_masks', 'matrix_to_weight', 'radial_grouping', 'release_workspace',
     'weight_to_matrix',
 ]

@@ -30,6 +30,12 @@ def matrix_to_weight(matrix: torch.Tensor, out_channels: int, kernel_size: int) 
     return matrix.view(*lead, out_channels, k, cols // k, k).transpose(-3, -2)
 
 
+def dense_spectrum(weight: torch.Tensor) -> torch.Tensor:
+    """Dense (Cout, Cg, k, k) weight -> its spectrum as real/imag pairs (R, C, 2), computed in float64 so that
+    the layer reproduces the dense one exactly."""
+    return torch.view_as_real(torch.fft.rfft2(weight_to_matrix(weight.double())))
+
+
 def radial_grouping(rows: int, cols: int, num_groups: int, device: torch.device | None = None) -> torch.Tensor:
     """Group index of every bin of a (rows, cols//2+1) half spectrum, lowest radial frequencies in group 0.
 
@@ -90,8 +96,7 @@ class FourierDisjointWeight(nn.Module):
         """Set the spectrum from a dense (Cout, Cg, k, k) weight; the FFT runs in float64 so it is exact."""
         if tuple(weight.shape) != self.weight_shape:
             raise ValueError(f"dense weight has shape {tuple(weight.shape)}, expected {self.weight_shape}")
-        spec = torch.fft.rfft2(weight_to_matrix(weight.double()))
-        self.spectrum.copy_(torch.view_as_real(spec).to(self.spectrum.dtype))
+        self.spectrum.copy_(dense_spectrum(weight).to(self.spectrum.dtype))
 
     @torch.no_grad()
     def set_grouping(self, group_of_bin: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ import logging
 import torch
 
 from .fdconv import FDConv2d
-from .fdw import weight_to_matrix
+from .fdw import dense_spectrum
 
 _HEADS = ('channel_fc', 'filter_fc', 'spatial_fc', 'kernel_fc')
 BN_EPS = 1e-5
@@ -94,10 +94,11 @@ def reference_to_native(
         native['fdw.spectrum'] = dft[0] * reference_scale(layer)
     elif 'weight' in sd:
         weight = sd.pop('weight')
+        if weight.ndim == 2:  # a linear layer's (Cout, Cin) is the k = 1 case
+            weight = weight[:, :, None, None]
         if tuple(weight.shape) != layer.fdw.weight_shape:
-            raise ValueError(f"reference key 'weight' has shape {tuple(weight.shape)}, "
-                             f"expected {layer.fdw.weight_shape}")
-        native['fdw.spectrum'] = torch.view_as_real(torch.fft.rfft2(weight_to_matrix(weight.double()))).float()
+            raise ValueError(f"key 'weight' has shape {tuple(weight.shape)}, expected {layer.fdw.weight_shape}")
+        native['fdw.spectrum'] = dense_spectrum(weight).float()
     else:
         raise KeyError("reference state dict has neither 'dft_weight' nor 'weight'")
     if 'bias' in sd:

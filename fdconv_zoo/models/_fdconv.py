@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from timm.models import get_pretrained_cfg
 
-from ..layers import FDConv2d, FDLinear, weight_to_matrix
+from ..layers import FDConv2d, FDLinear
 from ..layers.reference import reference_to_native
 
 FDCONV_PAPER = 'arXiv:2503.18783'
@@ -35,23 +35,6 @@ def pop_fdconv_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     return fdconv_options(**{k: kwargs.pop(k) for k in list(kwargs) if k in FDCONV_OPTIONS})
 
 
-def _dense_to_native(module: FDConv2d | FDLinear, layer_sd: dict[str, torch.Tensor],
-                     own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Dense ``weight``/``bias`` -> this layer's keys; the modulation parts keep their identity init."""
-    out = dict(own)
-    weight = layer_sd['weight']
-    if weight.ndim == 2:
-        weight = weight[:, :, None, None]
-    expected = module.fdw.weight_shape
-    if tuple(weight.shape) != expected:
-        raise ValueError(f"dense weight has shape {tuple(weight.shape)}, expected {expected}")
-    spectrum = torch.fft.rfft2(weight_to_matrix(weight.double()))
-    out['fdw.spectrum'] = torch.view_as_real(spectrum).to(own['fdw.spectrum'].dtype)
-    if 'bias' in layer_sd:
-        out['bias'] = layer_sd['bias']
-    return out
-
-
 def fdconv_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Pretrained filter: dense layers of a timm checkpoint become FDConv weights (exact at step 0); native
     FDConv checkpoints pass through; reference-implementation layers (``dft_weight``) are translated."""
@@ -65,17 +48,13 @@ def fdconv_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Modu
             continue
         layer_sd = {k[len(prefix):]: out.pop(k) for k in list(out) if k.startswith(prefix)}
         layer_own = {k[len(prefix):]: v for k, v in own.items() if k.startswith(prefix)}
+        if 'dft_weight' not in layer_sd and 'weight' not in layer_sd:
+            continue  # let load_state_dict report the missing keys
         try:
-            if 'dft_weight' in layer_sd:
-                native, _ = reference_to_native(module, layer_sd)
-                native = {**layer_own, **native}
-            elif 'weight' in layer_sd:
-                native = _dense_to_native(module, layer_sd, layer_own)
-            else:
-                continue  # let load_state_dict report the missing keys
+            native, _ = reference_to_native(module, layer_sd)  # missing modulation parts keep the model's init
         except (KeyError, ValueError) as e:
             raise type(e)(f"checkpoint layer '{name}': {e.args[0]}") from None
-        out.update({prefix + k: v for k, v in native.items()})
+        out.update({prefix + k: v for k, v in {**layer_own, **native}.items()})
     return out
 
 

@@ -10,7 +10,12 @@ import torch
 import torch.nn as nn
 
 from .layers import FDConv2d, FDLinear
-from .layers.reference import grouping_from_indices, load_native_partial, reference_to_native
+from .layers.reference import (
+    check_keys_and_shapes,
+    grouping_from_indices,
+    load_native_partial,
+    reference_to_native,
+)
 
 _logger = logging.getLogger('fdconv_zoo')
 
@@ -109,14 +114,7 @@ def load_reference_checkpoint(
 
     own = model.state_dict()
     fd_prefixes = tuple(f'{n}.' for n, m in model.named_modules() if isinstance(m, (FDConv2d, FDLinear)))
-    unexpected = sorted(k for k in sd if k not in own)
-    if unexpected:
-        raise KeyError(f"reference checkpoint has keys the model does not: {unexpected[:10]}"
-                       + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
-    for key, value in sd.items():
-        if tuple(own[key].shape) != tuple(value.shape):
-            raise ValueError(f"key '{key}' has shape {tuple(value.shape)} in the checkpoint, "
-                             f"{tuple(own[key].shape)} in the model")
+    check_keys_and_shapes(own, sd, f"the model ({type(model).__name__})")
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(fd_prefixes)]
     if missing:

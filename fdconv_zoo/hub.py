@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from . import models as _models  # noqa: F401  registers the FDConv families
+from .layers.reference import check_keys_and_shapes
 from .models._fdconv import fdconv_checkpoint_filter
 
 ORG_ENV = 'FDCONV_ZOO_ORG'
@@ -105,10 +106,10 @@ def _load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
     if missing or unexpected:
         raise HubError(f"{source} does not fit {type(model).__name__}: missing keys {missing[:5]}, "
                        f"unexpected keys {unexpected[:5]}")
-    for key, value in state_dict.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise HubError(f"{source}: key '{key}' has shape {tuple(value.shape)}, "
-                           f"the model expects {tuple(own[key].shape)}")
+    try:
+        check_keys_and_shapes(own, state_dict, type(model).__name__)
+    except ValueError as e:
+        raise HubError(f"{source}: {e}") from None
     model.load_state_dict(state_dict)
 
 

@@ -138,15 +138,25 @@ def reference_to_native(
     return native, missing
 
 
-def load_native_partial(layer: FDConv2d, native: dict[str, torch.Tensor], prefix: str = '') -> None:
-    """Copy ``native`` into ``layer``; every key must exist and match in shape (the message names both)."""
-    own = layer.state_dict()
-    for key, value in native.items():
-        if key not in own:
-            raise KeyError(f"key '{prefix}{key}' does not exist in {type(layer).__name__}")
+def check_keys_and_shapes(own: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor],
+                          owner: str, prefix: str = '') -> None:
+    """Every key of ``state_dict`` exists in ``own`` with the same shape; the error names the key(s) and both
+    shapes. (Missing keys are left to the caller, which knows which parts may start from their init.)"""
+    unexpected = sorted(k for k in state_dict if k not in own)
+    if unexpected:
+        names = [prefix + k for k in unexpected[:10]]
+        raise KeyError(f"keys that do not exist in {owner}: {names}"
+                       + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+    for key, value in state_dict.items():
         if tuple(own[key].shape) != tuple(value.shape):
             raise ValueError(f"key '{prefix}{key}' has shape {tuple(value.shape)} in the checkpoint, "
                              f"{tuple(own[key].shape)} in the model")
+
+
+def load_native_partial(layer: FDConv2d, native: dict[str, torch.Tensor], prefix: str = '') -> None:
+    """Copy ``native`` into ``layer``; every key must exist and match in shape (the message names both)."""
+    own = layer.state_dict()
+    check_keys_and_shapes(own, native, type(layer).__name__, prefix)
     with torch.no_grad():
         for key, value in native.items():
             own[key].copy_(value)

@@ -11,7 +11,7 @@ from naive import naive_fdconv, randomize_
 from safetensors.torch import load, save
 
 from fdconv_zoo import FDConv2d, FDLinear
-from fdconv_zoo.layers import low_pass_masks, radial_grouping
+from fdconv_zoo.layers import fourier_basis, radial_grouping
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -83,14 +83,21 @@ def test_kernel_attention_scale_convention():
     torch.testing.assert_close(layer.fdw(att), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_fbm_masks_exact_for_every_size_and_cached():
-    masks = low_pass_masks(200, 336, (2, 4, 8), torch.device('cpu'))
-    assert masks.shape == (3, 200, 169)
-    fr = torch.fft.fftfreq(200).abs()
-    fc = torch.fft.rfftfreq(336)
-    expected = torch.stack([torch.maximum(fr[:, None], fc[None]) < torch.tensor(0.5 / k + 1e-8) for k in (2, 4, 8)])
-    assert torch.equal(masks.bool(), expected)
-    assert low_pass_masks(200, 336, (2, 4, 8), torch.device('cpu')) is masks
+def test_fbm_bands_equal_masked_fft_for_every_size_and_cached():
+    """The separable projections equal the spec's masked FFT filter (float32 mask rule) at any size."""
+    h, w, cutoffs = 200, 336, (2, 4, 8)
+    x = torch.randn(2, 3, h, w, dtype=torch.float64)
+    fr = torch.fft.fftfreq(h).abs()
+    fc = torch.fft.rfftfreq(w)
+    basis_h, ranks_h = fourier_basis(h, cutoffs, torch.device('cpu'), torch.float64)
+    basis_w, ranks_w = fourier_basis(w, cutoffs, torch.device('cpu'), torch.float64)
+    for kappa, rh, rw in zip(cutoffs, ranks_h, ranks_w, strict=True):
+        mask = torch.maximum(fr[:, None], fc[None]) < torch.tensor(0.5 / kappa + 1e-8)
+        expected = torch.fft.irfft2(torch.fft.rfft2(x, norm='ortho') * mask, s=(h, w), norm='ortho')
+        low = basis_h[:, :rh] @ (basis_h[:, :rh].t() @ x @ basis_w[:, :rw]) @ basis_w[:, :rw].t()
+        torch.testing.assert_close(low, expected, atol=1e-12, rtol=0)
+    assert ranks_h == (99, 51, 25)  # float32 rule: kappa = 2 drops the |f| = 1/4 rows, kappa = 4 keeps |f| = 1/8
+    assert fourier_basis(h, cutoffs, torch.device('cpu'), torch.float64)[0] is basis_h
 
 
 def test_identity_at_init_for_fresh_layer():

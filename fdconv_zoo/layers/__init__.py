@@ -1,5 +1,5 @@
 """Math-only FDConv building blocks: FDW, KSM, FBM and the layers that compose them."""
-from .fbm import FBM, low_pass_masks
+from .fbm import FBM, fourier_basis
 from .fdconv import FDConv2d, FDLinear
 from .fdw import (
     FourierDisjointWeight,
@@ -13,6 +13,6 @@ from .workspace import release_workspace
 
 __all__ = [
     'FBM', 'FDConv2d', 'FDLinear', 'FourierDisjointWeight', 'GlobalAttention', 'KSMGlobal', 'KSMLocal',
-    'dense_spectrum', 'local_kernel_size', 'low_pass_masks', 'matrix_to_weight', 'radial_grouping', 'release_workspace',
+    'dense_spectrum', 'fourier_basis', 'local_kernel_size', 'matrix_to_weight', 'radial_grouping', 'release_workspace',
     'weight_to_matrix',
 ]

@@ -127,6 +127,8 @@ class FourierDisjointWeight(nn.Module):
             torch.index_select(kernel_attention.to(dtype), 1, self.group_of_bin.view(-1), out=scale)
             spec = scratch('fdw.spectrum', (b, rows, half, 2), kernel_attention.device, dtype)
             torch.mul(self.spectrum.to(dtype), scale.view(b, rows, half, 1), out=spec)
+            matrix = scratch('fdw.matrix', (b, self.rows, self.cols), kernel_attention.device, dtype)
+            return torch.fft.irfft2(torch.view_as_complex(spec), s=(self.rows, self.cols), out=matrix)
         else:
             # real/imag pairs times a real scale: no complex promotion of the (B, R, C) attention map
             scale = kernel_attention.to(dtype)[:, self.group_of_bin].unsqueeze(-1)

@@ -110,65 +110,98 @@ class _FrequencyDynamicLayer(nn.Module):
     def sample_weights(self, pooled: torch.Tensor) -> tuple[GlobalAttention, torch.Tensor]:
         """Pooled input (B, Cin) -> global attention and the per-sample kernels (B, Cout, Cg, k, k), >= float32.
 
-        The kernels carry FDW, spatial and local modulation; channel/filter attention are left to the caller.
+        The kernels carry FDW, spatial and local modulation; channel/filter attention are left to the caller
+        (on the fast path the local branch's constant att_multi moves into the channel attention).
         """
         pooled = pooled.to(self.ksm_global.fc.weight.dtype)
         with record_function('fdconv.ksm'):
             att = self.ksm_global(pooled)
+            windows = self.ksm_local.windows(pooled) if self.ksm_local is not None else None
         with record_function('fdconv.synthesis'):
-            if (not torch.is_grad_enabled() and self.groups == 1 and pooled.device.type == 'cpu'
-                    and not torch.compiler.is_compiling()):
-                return self._synthesize_reusing_memory(pooled, att)
-            return att, self._synthesize(pooled, att)
+            if self._fast_path():
+                kernels, _ = self._fast_kernels(att.kernel, att.spatial, windows)
+                return self._fold_local_scale(att), kernels
+            return att, self._synthesize(att, windows)
 
-    def _synthesize(self, pooled: torch.Tensor, att: GlobalAttention) -> torch.Tensor:
-        """The differentiable path: plain tensor algebra (recomputed in backward when ``recompute``)."""
+    def _fast_path(self) -> bool:
+        return not torch.is_grad_enabled() and self.groups == 1 and not torch.compiler.is_compiling()
+
+    def _fold_local_scale(self, att: GlobalAttention) -> GlobalAttention:
+        """Move the local branch's constant att_multi from the kernel to the (smaller) channel attention."""
+        return att if self.ksm_local is None else att._replace(channel=att.channel * self.att_multi)
+
+    def _synthesize(self, att: GlobalAttention, windows: torch.Tensor | None) -> torch.Tensor:
+        """The differentiable path: plain tensor algebra, any groups (recomputed in backward when ``recompute``)."""
         k = self.fdw.kernel_size
         weight = matrix_to_weight(self.fdw(att.kernel), self.out_channels, k)
         scale = self.att_multi if self.ksm_local is not None else 1.0
         if att.spatial is not None:
             scale = att.spatial.view(-1, 1, 1, k, k) * scale
         if self.ksm_local is not None:
-            local = torch.sigmoid(self.ksm_local(pooled).unflatten(-1, (k, k)))
-            weight = weight * local
+            weight = weight * torch.sigmoid(self.ksm_local.logits(windows).unflatten(-1, (k, k)))
         if not isinstance(scale, float) or scale != 1.0:
             weight = weight * scale
         return weight.contiguous()
 
-    def _synthesize_reusing_memory(
-            self, pooled: torch.Tensor, att: GlobalAttention) -> tuple[GlobalAttention, torch.Tensor]:
-        """Inference on CPU, groups = 1: the same kernels with the fewest passes over B x |W| floats, in scratch
-        memory (fresh multi-MB tensors cost more to map than to compute). The constant att_multi of the local
-        factors moves to the channel attention, which scales the (smaller) input instead of the kernel."""
-        k, b = self.fdw.kernel_size, pooled.shape[0]
+    @torch.no_grad()
+    def _fast_kernels(
+            self,
+            kernel_att: torch.Tensor,
+            spatial: torch.Tensor | None,
+            windows: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """groups = 1, no autograd: kernels M * sigmoid(L) * s (B, Cout, Cin, k, k) without the local att_multi,
+        in the fewest passes over B x |W| floats (scratch memory, in-place products), and sigmoid(L) as a view
+        in kernel order (None without the local branch), which the hand-written gradient reads."""
+        k, b = self.fdw.kernel_size, kernel_att.shape[0]
         cout, cin = self.out_channels, self.in_channels
-        matrix = self.fdw(att.kernel, reuse_memory=True)  # (B, Cout*k, Cin*k)
-        if self.ksm_local is None:
-            weight = matrix_to_weight(matrix, cout, k)
-            if att.spatial is not None:
-                weight = weight * att.spatial.view(b, 1, 1, k, k).to(weight.dtype)
-            return att, weight.contiguous()
-        windows = self.ksm_local.windows(pooled).to(matrix.dtype)  # (B, Cin, K)
-        taps = self.ksm_local.conv.weight.to(matrix.dtype).flatten(1)  # (Cout*k*k, K)
-        att = att._replace(channel=att.channel * self.att_multi)
-        if k == 1:  # logits straight in the kernel's (B, Cout, Cin) layout, then in place
-            local = scratch('ksm.local', (b, cout, cin), pooled.device, matrix.dtype)
-            torch.matmul(taps, windows.transpose(1, 2), out=local)
-            return att, local.sigmoid_().mul_(matrix.view(b, cout, cin)).view(b, cout, cin, 1, 1)
-        local = scratch('ksm.local', (b, cin, cout * k * k), pooled.device, matrix.dtype)
-        torch.matmul(windows, taps.t(), out=local)
-        local = local.sigmoid_().view(b, cin, cout, k, k).transpose(1, 2)
-        weight = scratch('fdconv.kernel', (b, cout, cin, k, k), pooled.device, matrix.dtype)
-        torch.mul(matrix_to_weight(matrix, cout, k), local, out=weight)
-        if att.spatial is not None:
-            weight.mul_(att.spatial.view(b, 1, 1, k, k).to(weight.dtype))
-        return att, weight
+        matrix = self.fdw.synthesize(kernel_att)  # fresh (B, Cout*k, Cin*k)
+        weight = matrix_to_weight(matrix, cout, k)
+        local = None
+        if self.ksm_local is not None:
+            taps = self.ksm_local.conv.weight.to(matrix.dtype).flatten(1)  # (Cout*k*k, K)
+            windows = windows.to(matrix.dtype)
+            if k == 1:  # logits straight in the kernel's (B, Cout, Cin) layout
+                local = scratch('ksm.local', (b, cout, cin), matrix.device, matrix.dtype)
+                torch.matmul(taps, windows.transpose(1, 2), out=local)
+                local = local.sigmoid_().view(b, cout, cin, 1, 1)
+            else:  # (B, Cin, Cout*k*k): one matrix product, read in kernel order through a view
+                local = scratch('ksm.local', (b, cin, cout * k * k), matrix.device, matrix.dtype)
+                torch.matmul(windows, taps.t(), out=local)
+                local = local.sigmoid_().view(b, cin, cout, k, k).transpose(1, 2)
+        if k == 1:
+            return (weight.mul_(local) if local is not None else weight), local
+        kernels = scratch('fdconv.kernel', (b, cout, cin, k, k), matrix.device, matrix.dtype)
+        torch.mul(weight, local, out=kernels) if local is not None else kernels.copy_(weight)
+        if spatial is not None:
+            kernels.mul_(spatial.view(b, 1, 1, k, k).to(kernels.dtype))
+        return kernels, local
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The KSM statistics: per-sample mean of the input (B, Cin), in the FFT dtype."""
         raise NotImplementedError
+
+    def _kernel_input(self, x: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+        """The tensor the per-sample kernels multiply: input after FBM and channel attention, in x's dtype."""
+        raise NotImplementedError
+
+    def _apply_kernels(self, inp: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        """Per-sample convolution / matrix product; output with channels at ``self._channel_dim``."""
+        raise NotImplementedError
+
+    def _apply_kernels_backward(
+            self, inp: torch.Tensor, grad: torch.Tensor, kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of :meth:`_apply_kernels` with respect to its input and to the kernels (B, Cout, Cin, k, k)."""
+        raise NotImplementedError
+
+    _channel_dim = 1
 
     def _dynamic_forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        att, kernels = self.sample_weights(self._pool(x))
+        with record_function('fdconv.fbm'):
+            inp = self._kernel_input(x, att.channel)
+        with record_function('fdconv.conv'):
+            return self._finish(self._apply_kernels(inp, kernels.to(x.dtype)), att.filter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -176,22 +209,29 @@ class _FrequencyDynamicLayer(nn.Module):
             # per-sample kernels are B x |W| floats: rebuild them in backward rather than keep them alive
             if torch.compiler.is_compiling():
                 return checkpoint(self._dynamic_forward, x, use_reentrant=False, preserve_rng_state=False)
-            return _RecomputeInBackward.apply(self, x, *self.parameters())
+            function = _SynthesisGradient if self.groups == 1 else _RecomputeInBackward
+            return function.apply(self, x, *self.parameters())
         return self._dynamic_forward(x)
 
-    def _finish(self, y: torch.Tensor, filter_att: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
+    def _check_input(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _finish(self, y: torch.Tensor, filter_att: torch.Tensor | None) -> torch.Tensor:
         shape = [1] * y.ndim
-        shape[0], shape[channel_dim] = y.shape[0], self.out_channels
+        shape[0], shape[self._channel_dim] = y.shape[0], self.out_channels
+        bias = self.bias.view(shape[1:]).to(y.dtype) if self.bias is not None else None
+        if not torch.is_grad_enabled():  # in place on the fresh output
+            if filter_att is not None:
+                y.mul_(filter_att.view(shape).to(y.dtype))
+            return y.add_(bias) if bias is not None else y
         if filter_att is not None:
             y = y * filter_att.view(shape).to(y.dtype)
-        if self.bias is not None:
-            y = y + self.bias.view(shape[1:]).to(y.dtype)
-        return y
+        return y + bias if bias is not None else y
 
 
 class _RecomputeInBackward(torch.autograd.Function):
-    """Activation checkpointing of one layer whose forward runs the no-grad path (scratch memory, fewest
-    passes); backward rebuilds the kernels with autograd and differentiates them. Only the input is kept."""
+    """Activation checkpointing of one layer whose forward runs without autograd; backward rebuilds the
+    kernels with autograd and differentiates them. Only the input is kept. Used for groups > 1."""
 
     @staticmethod
     def forward(ctx, layer: _FrequencyDynamicLayer, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
@@ -209,6 +249,91 @@ class _RecomputeInBackward(torch.autograd.Function):
             y = ctx.layer._dynamic_forward(x)
         grads = iter(torch.autograd.grad(y, wanted, grad_out, allow_unused=True))
         return (None, *(next(grads) if need else None for need in ctx.needs_input_grad[1:]))
+
+
+def _safe_divide(numerator: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    # attention = att_multi * sigmoid(z) > 0; where it underflows to 0 the numerator is 0 too (and so is d/dz)
+    return numerator / attention.clamp_min(torch.finfo(attention.dtype).tiny)
+
+
+class _SynthesisGradient(torch.autograd.Function):
+    """groups = 1 training: forward on the no-autograd fast path keeping only the input; backward rebuilds the
+    kernels the same way and differentiates the B x |W| part (kernel products, FFTs) by hand in scratch
+    memory. Autograd handles only what is activation- or vector-sized: FBM, channel input, KSM heads."""
+
+    @staticmethod
+    def forward(ctx, layer: _FrequencyDynamicLayer, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x)
+        return layer._dynamic_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        layer: _FrequencyDynamicLayer = ctx.layer
+        (x,) = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:]
+        named = dict(layer.named_parameters())
+        by_hand = {'fdw.spectrum', 'ksm_local.conv.weight', 'bias'}
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(needs[0])
+            pooled = layer._pool(xg).to(layer.ksm_global.fc.weight.dtype)
+            att = layer.ksm_global(pooled)
+            windows = layer.ksm_local.windows(pooled) if layer.ksm_local is not None else None
+            att = layer._fold_local_scale(att)
+            inp = layer._kernel_input(xg, att.channel)
+        grads: dict[str, torch.Tensor] = {}
+        outputs, output_grads = [inp], []
+        with torch.no_grad():
+            k, b = layer.fdw.kernel_size, x.shape[0]
+            spatial = att.spatial.detach() if att.spatial is not None else None
+            kernels, local = layer._fast_kernels(
+                att.kernel.detach(), spatial, windows.detach() if windows is not None else None)
+            grad_z = grad_out
+            if att.filter is not None:
+                shape = [1] * grad_out.ndim
+                shape[0], shape[layer._channel_dim] = b, layer.out_channels
+                grad_z = grad_out * att.filter.detach().view(shape).to(grad_out.dtype)
+            if layer.bias is not None:
+                dims = [d for d in range(grad_out.ndim) if d != layer._channel_dim]
+                grads['bias'] = grad_out.sum(dims).to(layer.bias.dtype)
+            grad_inp, grad_k = layer._apply_kernels_backward(inp.detach(), grad_z, kernels.to(x.dtype))
+            output_grads.append(grad_inp)
+            grad_k = grad_k.to(kernels.dtype)
+            flat_k, flat_g = kernels.view(b * layer.out_channels, -1), grad_k.view(b * layer.out_channels, -1)
+            if att.filter is not None:  # sum_hw grad_out * z == <K, dL/dK> / f
+                dot = torch.bmm(flat_k.unsqueeze(1), flat_g.unsqueeze(2)).view(b, -1)
+                outputs.append(att.filter)
+                output_grads.append(_safe_divide(dot, att.filter.detach()))
+            kernels.mul_(grad_k)  # G * K: gives the spatial and local gradients
+            if spatial is not None:
+                outputs.append(att.spatial)
+                output_grads.append(_safe_divide(kernels.sum((1, 2)).view(b, k * k), spatial))
+            grad_m = layer.fdw.gradient_buffer(b, kernels.dtype)  # dL/dM = G * sigmoid(L) * s, matrix layout
+            grad_m_k = matrix_to_weight(grad_m, layer.out_channels, k)
+            if local is not None:
+                torch.mul(grad_k, local, out=grad_m_k)
+            else:
+                grad_m_k.copy_(grad_k)
+            if spatial is not None:
+                grad_m_k.mul_(spatial.view(b, 1, 1, k, k))
+            if local is not None:  # dL/dlogits = G * K * (1 - sigmoid(L)), in sigmoid(L)'s memory
+                torch.addcmul(kernels, kernels, local, value=-1, out=local)
+                grad_taps, grad_windows = layer.ksm_local.logits_backward(local, windows.detach())
+                grads['ksm_local.conv.weight'] = grad_taps.to(layer.ksm_local.conv.weight.dtype)
+                outputs.append(windows)
+                output_grads.append(grad_windows.to(windows.dtype))
+            grad_spectrum, grad_kernel_att = layer.fdw.gradient(grad_m)
+            grads['fdw.spectrum'] = grad_spectrum.to(layer.fdw.spectrum.dtype)
+            outputs.append(att.kernel)
+            output_grads.append(grad_kernel_att.to(att.kernel.dtype))
+        wanted = [(name, p) for (name, p), need in zip(named.items(), needs[1:], strict=True)
+                  if need and name not in by_hand]
+        inputs = ([xg] if needs[0] else []) + [p for _, p in wanted]
+        found = torch.autograd.grad(outputs, inputs, output_grads, allow_unused=True) if inputs else ()
+        found = list(found)
+        grad_x = found.pop(0) if needs[0] else None
+        grads.update({name: g for (name, _), g in zip(wanted, found, strict=True)})
+        return (None, grad_x, *(grads.get(name) if need else None for name, need in zip(named, needs[1:], strict=True)))
 
 
 @register_notrace_module
@@ -324,37 +449,73 @@ class FDConv2d(_FrequencyDynamicLayer):
             s += f", padding_mode={self.padding_mode!r}"
         return s + f", num_freq_groups={self.num_freq_groups}"
 
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Per-sample convolution: x (B, Cin, H, W), weight (B, Cout, Cg, k, k), both in the compute dtype."""
-        b, cin, h, w = x.shape
-        padding = self.padding
+    def _explicit_padding(self) -> tuple[tuple[int, int], tuple[int, int, int, int] | None]:
+        """(symmetric padding for the convolution, or 0; a (left, right, top, bottom) pad done before it)."""
+        if self.padding == 'valid':
+            return (0, 0), None
+        if self.padding == 'same':
+            pads = []
+            for d, k in zip(self.dilation, self.kernel_size, strict=True):
+                total = d * (k - 1)
+                pads.append((total // 2, total - total // 2))
+            (top, bottom), (left, right) = pads
+            if top == bottom and left == right:
+                return (top, left), None
+            return (0, 0), (left, right, top, bottom)
+        ph, pw = self.padding
         if self.padding_mode != 'zeros':
-            ph, pw = padding
-            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
-            padding = 0
-            h, w = x.shape[-2:]
-        if self.kernel_size == (1, 1) and self.groups == 1 and padding in ((0, 0), 0, 'valid', 'same'):
-            if self.stride != (1, 1):
-                x = x[:, :, ::self.stride[0], ::self.stride[1]]
-            out = torch.bmm(weight.view(b, self.out_channels, cin), x.reshape(b, cin, -1))
-            return out.view(b, self.out_channels, *x.shape[-2:])
-        out = F.conv2d(
-            x.reshape(1, b * cin, h, w), weight.view(b * self.out_channels, *weight.shape[2:]), None,
-            self.stride, padding, self.dilation, b * self.groups)
-        return out.view(b, self.out_channels, *out.shape[-2:])
+            return (0, 0), (pw, pw, ph, ph)
+        return (ph, pw), None
+
+    def _uses_matmul(self) -> bool:
+        return self.kernel_size == (1, 1) and self.groups == 1 and self._explicit_padding() == ((0, 0), None)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"FDConv2d expects input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
 
-    def _dynamic_forward(self, x: torch.Tensor) -> torch.Tensor:
-        att, weight = self.sample_weights(x.to(fft_dtype(x.dtype)).mean((2, 3)))
-        with record_function('fdconv.fbm'):
-            x_mod = self.fbm(x) if self.fbm is not None else x
-        with record_function('fdconv.conv'):
-            x_mod = (x_mod * att.channel[:, :, None, None]).to(x.dtype)
-            y = self._conv(x_mod, weight.to(x.dtype))
-            return self._finish(y, att.filter, channel_dim=1)
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(fft_dtype(x.dtype)).mean((2, 3))
+
+    def _kernel_input(self, x: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+        inp = self.fbm(x) if self.fbm is not None else x
+        if torch.is_grad_enabled() or inp is x:
+            inp = inp * channel[:, :, None, None].to(inp.dtype)
+        else:  # FBM output is fresh
+            inp.mul_(channel[:, :, None, None].to(inp.dtype))
+        inp = inp.to(x.dtype)
+        _, pre_pad = self._explicit_padding()
+        if pre_pad is not None:
+            inp = F.pad(inp, pre_pad, mode='constant' if self.padding_mode == 'zeros' else self.padding_mode)
+        if self._uses_matmul() and self.stride != (1, 1):
+            inp = inp[:, :, ::self.stride[0], ::self.stride[1]]
+        return inp
+
+    def _apply_kernels(self, inp: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        b, cin, h, w = inp.shape
+        if self._uses_matmul():
+            out = torch.bmm(kernels.view(b, self.out_channels, cin), inp.reshape(b, cin, h * w))
+            return out.view(b, self.out_channels, h, w)
+        padding, _ = self._explicit_padding()
+        out = F.conv2d(
+            inp.reshape(1, b * cin, h, w), kernels.reshape(b * self.out_channels, *kernels.shape[2:]), None,
+            self.stride, padding, self.dilation, b * self.groups)
+        return out.view(b, self.out_channels, *out.shape[-2:])
+
+    def _apply_kernels_backward(
+            self, inp: torch.Tensor, grad: torch.Tensor, kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, cin, h, w = inp.shape
+        if self._uses_matmul():
+            flat_inp, flat_grad = inp.reshape(b, cin, h * w), grad.reshape(b, self.out_channels, h * w)
+            flat_k = kernels.view(b, self.out_channels, cin)
+            grad_inp = torch.bmm(flat_k.transpose(1, 2), flat_grad).view(b, cin, h, w)
+            return grad_inp, torch.bmm(flat_grad, flat_inp.transpose(1, 2)).view(kernels.shape)
+        padding, _ = self._explicit_padding()
+        grad_inp, grad_k, _ = torch.ops.aten.convolution_backward(
+            grad.reshape(1, b * self.out_channels, *grad.shape[-2:]), inp.reshape(1, b * cin, h, w),
+            kernels.reshape(b * self.out_channels, *kernels.shape[2:]), None, self.stride, padding,
+            self.dilation, False, (0, 0), b * self.groups, (True, True, False))
+        return grad_inp.view(inp.shape), grad_k.view(kernels.shape)
 
 
 @register_notrace_module
@@ -408,16 +569,28 @@ class FDLinear(_FrequencyDynamicLayer):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, num_freq_groups={self.num_freq_groups}")
 
+    _channel_dim = 2
+
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim < 2 or x.shape[-1] != self.in_channels:
             raise ValueError(f"FDLinear expects input (B, ..., {self.in_channels}), got {tuple(x.shape)}")
 
-    def _dynamic_forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        tokens = x.reshape(b, -1, self.in_channels)
-        att, weight = self.sample_weights(tokens.to(fft_dtype(x.dtype)).mean(1))
-        with record_function('fdconv.conv'):
-            tokens = (tokens * att.channel[:, None, :]).to(x.dtype)
-            weight_t = weight.view(b, self.out_channels, self.in_channels).transpose(1, 2).to(x.dtype)
-            y = self._finish(torch.bmm(tokens, weight_t), att.filter, channel_dim=2)
-        return y.view(*x.shape[:-1], self.out_channels)
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1, self.in_channels).to(fft_dtype(x.dtype)).mean(1)
+
+    def _kernel_input(self, x: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(x.shape[0], -1, self.in_channels)
+        return (tokens * channel[:, None, :].to(tokens.dtype)).to(x.dtype)
+
+    def _apply_kernels(self, inp: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        b = inp.shape[0]
+        return torch.bmm(inp, kernels.view(b, self.out_channels, self.in_channels).transpose(1, 2))
+
+    def _apply_kernels_backward(
+            self, inp: torch.Tensor, grad: torch.Tensor, kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = inp.shape[0]
+        grad_inp = torch.bmm(grad, kernels.view(b, self.out_channels, self.in_channels))
+        return grad_inp, torch.bmm(grad.transpose(1, 2), inp).view(kernels.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).view(*x.shape[:-1], self.out_channels)

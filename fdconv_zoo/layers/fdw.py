@@ -114,26 +114,78 @@ class FourierDisjointWeight(nn.Module):
         matrix = torch.fft.irfft2(spec, s=(self.rows, self.cols))
         return matrix_to_weight(matrix, self.out_channels, self.kernel_size).contiguous()
 
-    def forward(self, kernel_attention: torch.Tensor, reuse_memory: bool = False) -> torch.Tensor:
-        """(B, n) attention per group -> per-sample weight matrices (B, Cout*k, Cg*k), at least float32.
+    def forward(self, kernel_attention: torch.Tensor) -> torch.Tensor:
+        """(B, n) attention per group -> per-sample weight matrices (B, Cout*k, Cg*k), at least float32."""
+        dtype = fft_dtype(self.spectrum.dtype)
+        # real/imag pairs times a real scale: no complex promotion of the (B, R, C) attention map
+        scale = kernel_attention.to(dtype)[:, self.group_of_bin].unsqueeze(-1)
+        spec = self.spectrum.to(dtype) * scale
+        return torch.fft.irfft2(torch.view_as_complex(spec), s=(self.rows, self.cols))
 
-        ``reuse_memory`` (inference only) builds the modulated spectrum in scratch buffers.
+    def _groups_by_column(self) -> torch.Tensor:
+        """``group_of_bin`` in column-major (C, R) order, flattened; cached until the buffer changes."""
+        group = self.group_of_bin
+        key = (group.data_ptr(), group._version, group.device)
+        if getattr(self, '_by_column_key', None) != key:
+            self._by_column = group.t().reshape(-1)
+            self._by_column_key = key
+        return self._by_column
+
+    def _half_spectrum_buffer(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+        rows, half = self.group_of_bin.shape
+        return scratch('fdw.spectrum', (batch_size, half, rows, 2), self.spectrum.device, dtype)
+
+    @torch.no_grad()
+    def synthesize(self, kernel_attention: torch.Tensor) -> torch.Tensor:
+        """Same as ``forward`` without autograd, in the fewest passes over B x |W| floats.
+
+        The modulated spectrum is written column-major (B, C, R) in scratch memory, so both 1-D inverse FFTs
+        run along contiguous rows: torch's irfft2 would copy the spectrum into that order and back. Returns a
+        fresh (B, R, Cg*k) tensor; the group scales stay in scratch memory for :meth:`gradient`.
         """
         dtype = fft_dtype(self.spectrum.dtype)
-        b = kernel_attention.shape[0]
-        rows, half = self.group_of_bin.shape
-        if reuse_memory:
-            scale = scratch('fdw.scale', (b, rows * half), kernel_attention.device, dtype)
-            torch.index_select(kernel_attention.to(dtype), 1, self.group_of_bin.view(-1), out=scale)
-            spec = scratch('fdw.spectrum', (b, rows, half, 2), kernel_attention.device, dtype)
-            torch.mul(self.spectrum.to(dtype), scale.view(b, rows, half, 1), out=spec)
-            matrix = scratch('fdw.matrix', (b, self.rows, self.cols), kernel_attention.device, dtype)
-            return torch.fft.irfft2(torch.view_as_complex(spec), s=(self.rows, self.cols), out=matrix)
-        else:
-            # real/imag pairs times a real scale: no complex promotion of the (B, R, C) attention map
-            scale = kernel_attention.to(dtype)[:, self.group_of_bin].unsqueeze(-1)
-            spec = self.spectrum.to(dtype) * scale
-        return torch.fft.irfft2(torch.view_as_complex(spec), s=(self.rows, self.cols))
+        b, (rows, half) = kernel_attention.shape[0], self.group_of_bin.shape
+        scale = scratch('fdw.scale', (b, half, rows), kernel_attention.device, dtype)
+        torch.index_select(kernel_attention.to(dtype), 1, self._groups_by_column(), out=scale.view(b, -1))
+        buffer = self._half_spectrum_buffer(b, dtype)
+        torch.mul(self.spectrum.to(dtype).transpose(0, 1), scale.unsqueeze(-1), out=buffer)
+        columns = torch.fft.ifft(torch.view_as_complex(buffer), dim=-1)  # inverse along R: (B, C/2+1, R)
+        by_row = torch.view_as_complex(buffer).view(b, rows, half)
+        by_row.copy_(columns.transpose(1, 2))
+        del columns
+        return torch.fft.irfft(by_row, n=self.cols, dim=-1)
+
+    def gradient_buffer(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+        """Scratch (B, R, Cg*k) for the gradient of the synthesised matrices (shares the spectrum's memory)."""
+        return self._half_spectrum_buffer(batch_size, dtype).view(-1)[:batch_size * self.rows * self.cols].view(
+            batch_size, self.rows, self.cols)
+
+    @torch.no_grad()
+    def gradient(self, grad_matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adjoint of :meth:`synthesize` (right after it): gradient of the matrices -> (gradient of the
+        spectrum (R, C, 2), gradient of the group attention (B, n)).
+
+        The adjoint of irfft2 is rfft2 / (R * Cg*k) with the half-spectrum columns that stand for two bins
+        (all but DC and Nyquist) counted twice; ``grad_matrix`` may live in :meth:`gradient_buffer`.
+        """
+        dtype = grad_matrix.dtype
+        b, (rows, half) = grad_matrix.shape[0], self.group_of_bin.shape
+        by_row = torch.fft.rfft(grad_matrix, dim=-1)  # (B, R, C/2+1)
+        buffer = self._half_spectrum_buffer(b, dtype)
+        torch.view_as_complex(buffer).copy_(by_row.transpose(1, 2))
+        del by_row
+        grad_spec = torch.view_as_real(torch.fft.fft(torch.view_as_complex(buffer), dim=-1))  # (B, C/2+1, R, 2)
+        weight = torch.full((half, 1), 2.0 / (rows * self.cols), device=grad_spec.device, dtype=dtype)
+        weight[0] /= 2
+        if self.cols % 2 == 0:
+            weight[-1] /= 2
+        spectrum_t = self.spectrum.to(dtype).transpose(0, 1)
+        grad_scale = torch.mul(grad_spec, spectrum_t, out=buffer).sum(-1).mul_(weight)
+        grad_attention = torch.zeros(b, self.num_groups, device=grad_spec.device, dtype=dtype)
+        grad_attention.index_add_(1, self._groups_by_column(), grad_scale.view(b, -1))
+        scale = scratch('fdw.scale', (b, half, rows), grad_spec.device, dtype)
+        grad_spectrum = torch.mul(grad_spec, scale.unsqueeze(-1), out=buffer).sum(0).mul_(weight.unsqueeze(-1))
+        return grad_spectrum.transpose(0, 1), grad_attention
 
     def extra_repr(self) -> str:
         return f"weight_shape={self.weight_shape}, num_groups={self.num_groups}"

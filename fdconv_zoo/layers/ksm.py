@@ -131,12 +131,31 @@ class KSMLocal(nn.Module):
         pad = self.conv_size // 2
         return F.pad(self.norm(pooled), (pad, pad)).unfold(1, self.conv_size, 1)
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(B, Cin) -> logits (B, Cout, Cg, k*k); apply ``att_multi * sigmoid`` to get the factors."""
+    def logits(self, windows: torch.Tensor) -> torch.Tensor:
+        """Windows (B, Cin, K) -> logits (B, Cout, Cg, k*k); apply ``att_multi * sigmoid`` to get the factors."""
         kk = self.kernel_size ** 2
-        windows = self.windows(pooled)
         taps = self.conv.weight.view(self.out_channels, kk, self.conv_size)
         if self.groups == 1:
             return torch.einsum('bit,out->boiu', windows, taps)
         windows = windows[:, self.channel_of_element]  # (B, Cout, Cg, K)
         return torch.einsum('boit,out->boiu', windows, taps)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, Cin) -> logits (B, Cout, Cg, k*k)."""
+        return self.logits(self.windows(pooled))
+
+    def logits_backward(self, grad: torch.Tensor, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """groups = 1: gradient of the logits, as the kernel-order view (B, Cout, Cin, k, k) of the memory the
+        fast path computes them in ((B, Cout, Cin) for k = 1, else (B, Cin, Cout*k*k)) -> gradients of the
+        conv taps (shaped like ``conv.weight``) and of the windows (B, Cin, K)."""
+        b, taps = grad.shape[0], self.conv.weight.to(grad.dtype).flatten(1)  # (Cout*k*k, K)
+        windows = windows.to(grad.dtype)
+        if self.kernel_size == 1:
+            grad = grad.view(b, self.out_channels, self.in_channels)
+            grad_taps = torch.bmm(grad, windows).sum(0)
+            grad_windows = torch.matmul(taps.t(), grad).transpose(1, 2)
+        else:
+            grad = grad.transpose(1, 2).reshape(b, self.in_channels, -1)  # a view of that memory
+            grad_taps = grad.view(-1, grad.shape[-1]).t() @ windows.reshape(-1, self.conv_size)
+            grad_windows = grad @ taps
+        return grad_taps.view_as(self.conv.weight), grad_windows

@@ -119,7 +119,7 @@ class _FrequencyDynamicLayer(nn.Module):
             windows = self.ksm_local.windows(pooled) if self.ksm_local is not None else None
         with record_function('fdconv.synthesis'):
             if self._fast_path():
-                kernels, _ = self._fast_kernels(att.kernel, att.spatial, windows)
+                kernels, _, _ = self._fast_kernels(att.kernel, att.spatial, windows)
                 return self._fold_local_scale(att), kernels
             return att, self._synthesize(att, windows)
 
@@ -149,33 +149,28 @@ class _FrequencyDynamicLayer(nn.Module):
             kernel_att: torch.Tensor,
             spatial: torch.Tensor | None,
             windows: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """groups = 1, no autograd: kernels M * sigmoid(L) * s (B, Cout, Cin, k, k) without the local att_multi,
-        in the fewest passes over B x |W| floats (scratch memory, in-place products), and sigmoid(L) as a view
-        in kernel order (None without the local branch), which the hand-written gradient reads."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """groups = 1, no autograd: the kernels M * sigmoid(L) * s (B, Cout, Cin, k, k) without the local
+        att_multi, in the fewest passes over B x |W| floats.
+
+        Everything runs in FDW's weight-matrix layout (B, Cout*k, Cin*k), where the products are contiguous and
+        vectorise; one last pass applies the spatial attention while reordering to (o, i, u, v) (k > 1 only).
+        Also returns, for the hand-written gradient, the product M * sigmoid(L) and sigmoid(L) (scratch), both
+        in matrix layout.
+        """
         k, b = self.fdw.kernel_size, kernel_att.shape[0]
         cout, cin = self.out_channels, self.in_channels
-        matrix = self.fdw.synthesize(kernel_att)  # fresh (B, Cout*k, Cin*k)
-        weight = matrix_to_weight(matrix, cout, k)
+        product = self.fdw.synthesize(kernel_att)  # fresh (B, Cout*k, Cin*k)
         local = None
         if self.ksm_local is not None:
-            taps = self.ksm_local.conv.weight.to(matrix.dtype).flatten(1)  # (Cout*k*k, K)
-            windows = windows.to(matrix.dtype)
-            if k == 1:  # logits straight in the kernel's (B, Cout, Cin) layout
-                local = scratch('ksm.local', (b, cout, cin), matrix.device, matrix.dtype)
-                torch.matmul(taps, windows.transpose(1, 2), out=local)
-                local = local.sigmoid_().view(b, cout, cin, 1, 1)
-            else:  # (B, Cin, Cout*k*k): one matrix product, read in kernel order through a view
-                local = scratch('ksm.local', (b, cin, cout * k * k), matrix.device, matrix.dtype)
-                torch.matmul(windows, taps.t(), out=local)
-                local = local.sigmoid_().view(b, cin, cout, k, k).transpose(1, 2)
+            local = scratch('ksm.local', product.shape, product.device, product.dtype)
+            self.ksm_local.matrix_logits(windows, out=local).sigmoid_()
+            product.mul_(local)
         if k == 1:
-            return (weight.mul_(local) if local is not None else weight), local
-        kernels = scratch('fdconv.kernel', (b, cout, cin, k, k), matrix.device, matrix.dtype)
-        torch.mul(weight, local, out=kernels) if local is not None else kernels.copy_(weight)
-        if spatial is not None:
-            kernels.mul_(spatial.view(b, 1, 1, k, k).to(kernels.dtype))
-        return kernels, local
+            return product.view(b, cout, cin, 1, 1), product, local
+        kernels = scratch('fdconv.kernel', (b, cout, cin, k, k), product.device, product.dtype)
+        torch.mul(matrix_to_weight(product, cout, k), spatial.view(b, 1, 1, k, k).to(product.dtype), out=kernels)
+        return kernels, product, local
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """The KSM statistics: per-sample mean of the input (B, Cin), in the FFT dtype."""
@@ -286,7 +281,7 @@ class _SynthesisGradient(torch.autograd.Function):
         with torch.no_grad():
             k, b = layer.fdw.kernel_size, x.shape[0]
             spatial = att.spatial.detach() if att.spatial is not None else None
-            kernels, local = layer._fast_kernels(
+            kernels, product, local = layer._fast_kernels(
                 att.kernel.detach(), spatial, windows.detach() if windows is not None else None)
             grad_z = grad_out
             if att.filter is not None:
@@ -298,27 +293,25 @@ class _SynthesisGradient(torch.autograd.Function):
                 grads['bias'] = grad_out.sum(dims).to(layer.bias.dtype)
             grad_inp, grad_k = layer._apply_kernels_backward(inp.detach(), grad_z, kernels.to(x.dtype))
             output_grads.append(grad_inp)
-            grad_k = grad_k.to(kernels.dtype)
-            flat_k, flat_g = kernels.view(b * layer.out_channels, -1), grad_k.view(b * layer.out_channels, -1)
-            if att.filter is not None:  # sum_hw grad_out * z == <K, dL/dK> / f
-                dot = torch.bmm(flat_k.unsqueeze(1), flat_g.unsqueeze(2)).view(b, -1)
+            # G * s in matrix layout (for k = 1 the layouts agree and there is no s)
+            if k == 1:
+                grad_m = grad_k.to(product.dtype).view(product.shape)
+            else:
+                grad_m = layer.fdw.gradient_buffer(b, product.dtype)
+                torch.mul(grad_k, spatial.view(b, 1, 1, k, k), out=matrix_to_weight(grad_m, layer.out_channels, k))
+            del grad_k
+            product.mul_(grad_m)  # G * s * M * sigmoid(L): its sums give the filter and spatial gradients
+            if att.filter is not None:  # sum_hw grad_out * z == sum_(i,u,v) G * K / f
                 outputs.append(att.filter)
-                output_grads.append(_safe_divide(dot, att.filter.detach()))
-            kernels.mul_(grad_k)  # G * K: gives the spatial and local gradients
+                output_grads.append(_safe_divide(product.view(b, layer.out_channels, -1).sum(-1), att.filter.detach()))
             if spatial is not None:
                 outputs.append(att.spatial)
-                output_grads.append(_safe_divide(kernels.sum((1, 2)).view(b, k * k), spatial))
-            grad_m = layer.fdw.gradient_buffer(b, kernels.dtype)  # dL/dM = G * sigmoid(L) * s, matrix layout
-            grad_m_k = matrix_to_weight(grad_m, layer.out_channels, k)
+                per_position = product.view(b, layer.out_channels, k, -1, k).sum((1, 3)).view(b, k * k)
+                output_grads.append(_safe_divide(per_position, spatial))
             if local is not None:
-                torch.mul(grad_k, local, out=grad_m_k)
-            else:
-                grad_m_k.copy_(grad_k)
-            if spatial is not None:
-                grad_m_k.mul_(spatial.view(b, 1, 1, k, k))
-            if local is not None:  # dL/dlogits = G * K * (1 - sigmoid(L)), in sigmoid(L)'s memory
-                torch.addcmul(kernels, kernels, local, value=-1, out=local)
-                grad_taps, grad_windows = layer.ksm_local.logits_backward(local, windows.detach())
+                grad_m.mul_(local)  # dL/dM = G * s * sigmoid(L)
+                torch.addcmul(product, product, local, value=-1, out=local)  # dL/dlogits, in sigmoid(L)'s memory
+                grad_taps, grad_windows = layer.ksm_local.matrix_logits_backward(local, windows.detach())
                 grads['ksm_local.conv.weight'] = grad_taps.to(layer.ksm_local.conv.weight.dtype)
                 outputs.append(windows)
                 output_grads.append(grad_windows.to(windows.dtype))

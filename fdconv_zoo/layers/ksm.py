@@ -144,18 +144,31 @@ class KSMLocal(nn.Module):
         """(B, Cin) -> logits (B, Cout, Cg, k*k)."""
         return self.logits(self.windows(pooled))
 
-    def logits_backward(self, grad: torch.Tensor, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """groups = 1: gradient of the logits, as the kernel-order view (B, Cout, Cin, k, k) of the memory the
-        fast path computes them in ((B, Cout, Cin) for k = 1, else (B, Cin, Cout*k*k)) -> gradients of the
-        conv taps (shaped like ``conv.weight``) and of the windows (B, Cin, K)."""
-        b, taps = grad.shape[0], self.conv.weight.to(grad.dtype).flatten(1)  # (Cout*k*k, K)
-        windows = windows.to(grad.dtype)
-        if self.kernel_size == 1:
-            grad = grad.view(b, self.out_channels, self.in_channels)
-            grad_taps = torch.bmm(grad, windows).sum(0)
-            grad_windows = torch.matmul(taps.t(), grad).transpose(1, 2)
-        else:
-            grad = grad.transpose(1, 2).reshape(b, self.in_channels, -1)  # a view of that memory
-            grad_taps = grad.view(-1, grad.shape[-1]).t() @ windows.reshape(-1, self.conv_size)
-            grad_windows = grad @ taps
-        return grad_taps.view_as(self.conv.weight), grad_windows
+    def expanded_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """(B, Cin, K) -> (B, Cin*k, K*k) with entry [(i, v), (t, v')] = windows[i, t] if v == v' else 0, so that
+        ``expanded_taps() @ expanded_windows().T`` gives the logits in the weight-matrix layout of FDW."""
+        k = self.kernel_size
+        eye = torch.eye(k, device=windows.device, dtype=windows.dtype)
+        return (windows[:, :, None, :, None] * eye[:, None, :]).flatten(3).flatten(1, 2)
+
+    def expanded_taps(self) -> torch.Tensor:
+        """The taps as (Cout*k, K*k), entry [(o, u), (t, v)] = tap t of output channel o*k*k + u*k + v."""
+        k = self.kernel_size
+        taps = self.conv.weight.view(self.out_channels, k, k, self.conv_size)
+        return taps.transpose(2, 3).reshape(self.out_channels * k, self.conv_size * k)
+
+    def matrix_logits(self, windows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """groups = 1: logits in FDW's weight-matrix layout (B, Cout*k, Cin*k), written into ``out``."""
+        taps = self.expanded_taps().to(out.dtype)
+        return torch.matmul(taps, self.expanded_windows(windows.to(out.dtype)).transpose(1, 2), out=out)
+
+    def matrix_logits_backward(
+            self, grad: torch.Tensor, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient of :meth:`matrix_logits` (B, Cout*k, Cin*k) -> gradients of the conv taps (shaped like
+        ``conv.weight``) and of the windows (B, Cin, K)."""
+        k, b = self.kernel_size, grad.shape[0]
+        grad_taps = torch.bmm(grad, self.expanded_windows(windows.to(grad.dtype))).sum(0)  # (Cout*k, K*k)
+        grad_taps = grad_taps.view(self.out_channels, k, self.conv_size, k).transpose(2, 3)
+        expanded = self.expanded_taps().to(grad.dtype).t() @ grad  # (B, K*k, Cin*k)
+        grad_windows = expanded.view(b, self.conv_size, k, self.in_channels, k).diagonal(dim1=2, dim2=4).sum(-1)
+        return grad_taps.reshape(self.conv.weight.shape), grad_windows.transpose(1, 2)

@@ -169,7 +169,7 @@ class _FrequencyDynamicLayer(nn.Module):
         if k == 1:
             return product.view(b, cout, cin, 1, 1), product, local
         kernels = scratch('fdconv.kernel', (b, cout, cin, k, k), product.device, product.dtype)
-        torch.mul(matrix_to_weight(product, cout, k), spatial.view(b, 1, 1, k, k).to(product.dtype), out=kernels)
+        _reorder_scaled(product, kernels, spatial.to(product.dtype), to_kernel_order=True)
         return kernels, product, local
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,6 +222,21 @@ class _FrequencyDynamicLayer(nn.Module):
         if filter_att is not None:
             y = y * filter_att.view(shape).to(y.dtype)
         return y + bias if bias is not None else y
+
+
+def _reorder_scaled(matrix: torch.Tensor, kernels: torch.Tensor, spatial: torch.Tensor, to_kernel_order: bool) -> None:
+    """kernels[b, o, i, u, v] = matrix[b, o*k+u, i*k+v] * spatial[b, u, v] (or the reverse direction).
+
+    One product per kernel row u: torch's strided loops run about twice as fast with the reordered axis outside
+    than with a k-element inner run."""
+    b, cout, cin, k, _ = kernels.shape
+    matrix = matrix.view(b, cout, k, cin, k)
+    for u in range(k):
+        scale = spatial.view(b, 1, 1, k, k)[:, :, :, u]
+        if to_kernel_order:
+            torch.mul(matrix[:, :, u], scale, out=kernels[:, :, :, u])
+        else:
+            torch.mul(kernels[:, :, :, u], scale, out=matrix[:, :, u])
 
 
 class _RecomputeInBackward(torch.autograd.Function):
@@ -298,7 +313,7 @@ class _SynthesisGradient(torch.autograd.Function):
                 grad_m = grad_k.to(product.dtype).view(product.shape)
             else:
                 grad_m = layer.fdw.gradient_buffer(b, product.dtype)
-                torch.mul(grad_k, spatial.view(b, 1, 1, k, k), out=matrix_to_weight(grad_m, layer.out_channels, k))
+                _reorder_scaled(grad_m, grad_k, spatial.view(b, k, k), to_kernel_order=False)
             del grad_k
             product.mul_(grad_m)  # G * s * M * sigmoid(L): its sums give the filter and spatial gradients
             if att.filter is not None:  # sum_hw grad_out * z == sum_(i,u,v) G * K / f

@@ -141,14 +141,18 @@ class FourierDisjointWeight(nn.Module):
 
         The modulated spectrum is written column-major (B, C, R) in scratch memory, so both 1-D inverse FFTs
         run along contiguous rows: torch's irfft2 would copy the spectrum into that order and back. Returns a
-        fresh (B, R, Cg*k) tensor; the group scales stay in scratch memory for :meth:`gradient`.
+        fresh (B, R, Cg*k) tensor; the group scales and the reordered spectrum stay in scratch memory for
+        :meth:`gradient`.
         """
         dtype = fft_dtype(self.spectrum.dtype)
         b, (rows, half) = kernel_attention.shape[0], self.group_of_bin.shape
         scale = scratch('fdw.scale', (b, half, rows), kernel_attention.device, dtype)
         torch.index_select(kernel_attention.to(dtype), 1, self._groups_by_column(), out=scale.view(b, -1))
         buffer = self._half_spectrum_buffer(b, dtype)
-        torch.mul(self.spectrum.to(dtype).transpose(0, 1), scale.unsqueeze(-1), out=buffer)
+        # one strided copy of the spectrum in (C, R) order, then the B-fold product reads it contiguously
+        spectrum_t = scratch('fdw.spectrum_t', (half, rows, 2), kernel_attention.device, dtype)
+        spectrum_t.copy_(self.spectrum.transpose(0, 1))
+        torch.mul(spectrum_t, scale.unsqueeze(-1), out=buffer)
         columns = torch.fft.ifft(torch.view_as_complex(buffer), dim=-1)  # inverse along R: (B, C/2+1, R)
         by_row = torch.view_as_complex(buffer).view(b, rows, half)
         by_row.copy_(columns.transpose(1, 2))
@@ -179,7 +183,7 @@ class FourierDisjointWeight(nn.Module):
         weight[0] /= 2
         if self.cols % 2 == 0:
             weight[-1] /= 2
-        spectrum_t = self.spectrum.to(dtype).transpose(0, 1)
+        spectrum_t = scratch('fdw.spectrum_t', (half, rows, 2), grad_spec.device, dtype)  # from synthesize
         grad_scale = torch.mul(grad_spec, spectrum_t, out=buffer).sum(-1).mul_(weight)
         grad_attention = torch.zeros(b, self.num_groups, device=grad_spec.device, dtype=dtype)
         grad_attention.index_add_(1, self._groups_by_column(), grad_scale.view(b, -1))

@@ -31,9 +31,10 @@ def matrix_to_weight(matrix: torch.Tensor, out_channels: int, kernel_size: int) 
 
 
 def dense_spectrum(weight: torch.Tensor) -> torch.Tensor:
-    """Dense (Cout, Cg, k, k) weight -> its spectrum as real/imag pairs (R, C, 2), computed in float64 so that
-    the layer reproduces the dense one exactly."""
-    return torch.view_as_real(torch.fft.rfft2(weight_to_matrix(weight.double())))
+    """Dense (Cout, Cg, k, k) weight -> its half spectrum, column-major as FDW stores it: (C, R, 2) real/imag
+    pairs with entry [c, r] = rfft2(M)[r, c]. Computed in float64 so that the layer reproduces the dense one
+    exactly."""
+    return torch.view_as_real(torch.fft.rfft2(weight_to_matrix(weight.double())).t().contiguous())
 
 
 def radial_grouping(rows: int, cols: int, num_groups: int, device: torch.device | None = None) -> torch.Tensor:
@@ -60,8 +61,9 @@ def radial_grouping(rows: int, cols: int, num_groups: int, device: torch.device 
 class FourierDisjointWeight(nn.Module):
     """Kernel stored as its half spectrum; synthesises per-sample kernels from per-group attention.
 
-    ``spectrum`` is ``rfft2`` of the weight matrix (norm "backward") as real/imag pairs, shape (R, C, 2);
-    ``group_of_bin`` (R, C) is a persistent buffer so that a non-default grouping (e.g. a reference
+    ``spectrum`` is ``rfft2`` of the weight matrix (norm "backward") as real/imag pairs, stored column-major:
+    shape (C, R, 2), entry [c, r] = bin (r, c), so that the per-sample inverse FFT along R reads contiguous
+    memory. ``group_of_bin`` (R, C) is a persistent buffer so that a non-default grouping (e.g. a reference
     checkpoint's) travels with the weights.
     """
 
@@ -82,7 +84,7 @@ class FourierDisjointWeight(nn.Module):
         self.num_groups = num_groups
         self.rows = out_channels * kernel_size
         self.cols = in_channels_per_group * kernel_size
-        self.spectrum = nn.Parameter(torch.empty(self.rows, self.cols // 2 + 1, 2, **dd))
+        self.spectrum = nn.Parameter(torch.empty(self.cols // 2 + 1, self.rows, 2, **dd))
         group = radial_grouping(self.rows, self.cols, num_groups)
         self.register_buffer('group_of_bin', group.to(device=device), persistent=True)
 
@@ -110,17 +112,18 @@ class FourierDisjointWeight(nn.Module):
 
     def static_weight(self) -> torch.Tensor:
         """The dense kernel the spectrum represents (all group attentions equal to 1)."""
-        spec = torch.view_as_complex(self.spectrum.to(fft_dtype(self.spectrum.dtype)))
+        spec = torch.view_as_complex(self.spectrum.to(fft_dtype(self.spectrum.dtype))).t()
         matrix = torch.fft.irfft2(spec, s=(self.rows, self.cols))
         return matrix_to_weight(matrix, self.out_channels, self.kernel_size).contiguous()
 
     def forward(self, kernel_attention: torch.Tensor) -> torch.Tensor:
         """(B, n) attention per group -> per-sample weight matrices (B, Cout*k, Cg*k), at least float32."""
         dtype = fft_dtype(self.spectrum.dtype)
-        # real/imag pairs times a real scale: no complex promotion of the (B, R, C) attention map
-        scale = kernel_attention.to(dtype)[:, self.group_of_bin].unsqueeze(-1)
-        spec = self.spectrum.to(dtype) * scale
-        return torch.fft.irfft2(torch.view_as_complex(spec), s=(self.rows, self.cols))
+        b, (rows, half) = kernel_attention.shape[0], self.group_of_bin.shape
+        # real/imag pairs times a real scale: no complex promotion of the (B, C, R) attention map
+        scale = kernel_attention.to(dtype)[:, self._groups_by_column()].view(b, half, rows, 1)
+        spec = torch.view_as_complex(self.spectrum.to(dtype) * scale).transpose(1, 2)
+        return torch.fft.irfft2(spec, s=(self.rows, self.cols))
 
     def _groups_by_column(self) -> torch.Tensor:
         """``group_of_bin`` in column-major (C, R) order, flattened; cached until the buffer changes."""
@@ -141,18 +144,14 @@ class FourierDisjointWeight(nn.Module):
 
         The modulated spectrum is written column-major (B, C, R) in scratch memory, so both 1-D inverse FFTs
         run along contiguous rows: torch's irfft2 would copy the spectrum into that order and back. Returns a
-        fresh (B, R, Cg*k) tensor; the group scales and the reordered spectrum stay in scratch memory for
-        :meth:`gradient`.
+        fresh (B, R, Cg*k) tensor; the group scales stay in scratch memory for :meth:`gradient`.
         """
         dtype = fft_dtype(self.spectrum.dtype)
         b, (rows, half) = kernel_attention.shape[0], self.group_of_bin.shape
         scale = scratch('fdw.scale', (b, half, rows), kernel_attention.device, dtype)
         torch.index_select(kernel_attention.to(dtype), 1, self._groups_by_column(), out=scale.view(b, -1))
         buffer = self._half_spectrum_buffer(b, dtype)
-        # one strided copy of the spectrum in (C, R) order, then the B-fold product reads it contiguously
-        spectrum_t = scratch('fdw.spectrum_t', (half, rows, 2), kernel_attention.device, dtype)
-        spectrum_t.copy_(self.spectrum.transpose(0, 1))
-        torch.mul(spectrum_t, scale.unsqueeze(-1), out=buffer)
+        torch.mul(self.spectrum.to(dtype), scale.unsqueeze(-1), out=buffer)
         columns = torch.fft.ifft(torch.view_as_complex(buffer), dim=-1)  # inverse along R: (B, C/2+1, R)
         by_row = torch.view_as_complex(buffer).view(b, rows, half)
         by_row.copy_(columns.transpose(1, 2))
@@ -167,7 +166,7 @@ class FourierDisjointWeight(nn.Module):
     @torch.no_grad()
     def gradient(self, grad_matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Adjoint of :meth:`synthesize` (right after it): gradient of the matrices -> (gradient of the
-        spectrum (R, C, 2), gradient of the group attention (B, n)).
+        spectrum (C, R, 2), gradient of the group attention (B, n)).
 
         The adjoint of irfft2 is rfft2 / (R * Cg*k) with the half-spectrum columns that stand for two bins
         (all but DC and Nyquist) counted twice; ``grad_matrix`` may live in :meth:`gradient_buffer`.
@@ -183,13 +182,12 @@ class FourierDisjointWeight(nn.Module):
         weight[0] /= 2
         if self.cols % 2 == 0:
             weight[-1] /= 2
-        spectrum_t = scratch('fdw.spectrum_t', (half, rows, 2), grad_spec.device, dtype)  # from synthesize
-        grad_scale = torch.mul(grad_spec, spectrum_t, out=buffer).sum(-1).mul_(weight)
+        grad_scale = torch.mul(grad_spec, self.spectrum.to(dtype), out=buffer).sum(-1).mul_(weight)
         grad_attention = torch.zeros(b, self.num_groups, device=grad_spec.device, dtype=dtype)
         grad_attention.index_add_(1, self._groups_by_column(), grad_scale.view(b, -1))
         scale = scratch('fdw.scale', (b, half, rows), grad_spec.device, dtype)
         grad_spectrum = torch.mul(grad_spec, scale.unsqueeze(-1), out=buffer).sum(0).mul_(weight.unsqueeze(-1))
-        return grad_spectrum.transpose(0, 1), grad_attention
+        return grad_spectrum, grad_attention
 
     def extra_repr(self) -> str:
         return f"weight_shape={self.weight_shape}, num_groups={self.num_groups}"

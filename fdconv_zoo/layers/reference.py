@@ -88,10 +88,10 @@ def reference_to_native(
     missing: list[str] = []
     if 'dft_weight' in sd:
         dft = sd.pop('dft_weight')
-        expected = (1, *layer.fdw.spectrum.shape)
+        expected = (1, layer.fdw.rows, layer.fdw.cols // 2 + 1, 2)
         if tuple(dft.shape) != expected:
             raise ValueError(f"reference key 'dft_weight' has shape {tuple(dft.shape)}, expected {expected}")
-        native['fdw.spectrum'] = dft[0] * reference_scale(layer)
+        native['fdw.spectrum'] = (dft[0] * reference_scale(layer)).transpose(0, 1).contiguous()
     elif 'weight' in sd:
         weight = sd.pop('weight')
         if weight.ndim == 2:  # a linear layer's (Cout, Cin) is the k = 1 case

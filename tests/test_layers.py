@@ -25,6 +25,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     (33, 20, 3, 1, 1, 5),    # odd Cg*k
     (24, 36, 3, 2, 4, 8),    # groups > 1: channel/local factors follow the input channel an element reads
     (32, 32, 3, 1, 32, 4),   # depthwise: no filter attention
+    (16, 128, 3, 2, 1, 8),   # output map small next to Cout: im2col + batched matrix product
 ])
 def test_layer_matches_literal_spec(cin, cout, k, stride, groups, n):
     torch.manual_seed(0)
@@ -129,8 +130,9 @@ def test_gradcheck_float64():
     lambda: FDConv2d(33, 20, 3, stride=2, padding=1, num_freq_groups=5, ksm_local=False),  # odd Cg*k
     lambda: FDConv2d(16, 24, 2, padding='same', dilation=2, num_freq_groups=4),  # asymmetric 'same'
     lambda: FDConv2d(16, 16, 3, padding=1, padding_mode='reflect', num_freq_groups=4, fbm=False),
+    lambda: FDConv2d(16, 112, 3, stride=2, padding=1, num_freq_groups=8),  # small map: im2col path
     lambda: FDLinear(20, 36, num_freq_groups=6),
-], ids=['3x3', '1x1-stride', 'odd-no-local', 'same-even-k', 'reflect', 'linear'])
+], ids=['3x3', '1x1-stride', 'odd-no-local', 'same-even-k', 'reflect', 'small-map', 'linear'])
 def test_hand_written_gradient_matches_autograd(make):
     """The training path (fast forward, gradient of the kernel synthesis by hand) against plain autograd."""
     torch.manual_seed(7)

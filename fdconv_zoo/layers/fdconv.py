@@ -478,6 +478,20 @@ class FDConv2d(_FrequencyDynamicLayer):
     def _uses_matmul(self) -> bool:
         return self.kernel_size == (1, 1) and self.groups == 1 and self._explicit_padding() == ((0, 0), None)
 
+    def _uses_unfold(self, inp: torch.Tensor) -> bool:
+        """Small maps (at most Cout/4 output positions, e.g. ResNet stage 4): im2col and one batched matrix
+        product beat the grouped convolution there, where the per-sample kernels outweigh the activations."""
+        if self.groups != 1 or self.kernel_size == (1, 1):
+            return False
+        ho, wo = self._output_size(inp)
+        return 4 * ho * wo <= self.out_channels
+
+    def _output_size(self, inp: torch.Tensor) -> tuple[int, int]:
+        padding, _ = self._explicit_padding()
+        ho, wo = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(
+            inp.shape[-2:], padding, self.dilation, self.kernel_size, self.stride, strict=True)]
+        return ho, wo
+
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"FDConv2d expects input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
@@ -505,6 +519,10 @@ class FDConv2d(_FrequencyDynamicLayer):
             out = torch.bmm(kernels.view(b, self.out_channels, cin), inp.reshape(b, cin, h * w))
             return out.view(b, self.out_channels, h, w)
         padding, _ = self._explicit_padding()
+        if self._uses_unfold(inp):
+            cols = F.unfold(inp, self.kernel_size, self.dilation, padding, self.stride)  # (B, Cin*k*k, L)
+            out = torch.bmm(kernels.view(b, self.out_channels, -1), cols)
+            return out.view(b, self.out_channels, *self._output_size(inp))
         out = F.conv2d(
             inp.reshape(1, b * cin, h, w), kernels.reshape(b * self.out_channels, *kernels.shape[2:]), None,
             self.stride, padding, self.dilation, b * self.groups)
@@ -519,6 +537,12 @@ class FDConv2d(_FrequencyDynamicLayer):
             grad_inp = torch.bmm(flat_k.transpose(1, 2), flat_grad).view(b, cin, h, w)
             return grad_inp, torch.bmm(flat_grad, flat_inp.transpose(1, 2)).view(kernels.shape)
         padding, _ = self._explicit_padding()
+        if self._uses_unfold(inp):
+            cols = F.unfold(inp, self.kernel_size, self.dilation, padding, self.stride)
+            flat_grad, flat_k = grad.reshape(b, self.out_channels, -1), kernels.view(b, self.out_channels, -1)
+            grad_cols = torch.bmm(flat_k.transpose(1, 2), flat_grad)
+            grad_inp = F.fold(grad_cols, (h, w), self.kernel_size, self.dilation, padding, self.stride)
+            return grad_inp, torch.bmm(flat_grad, cols.transpose(1, 2)).view(kernels.shape)
         grad_inp, grad_k, _ = torch.ops.aten.convolution_backward(
             grad.reshape(1, b * self.out_channels, *grad.shape[-2:]), inp.reshape(1, b * cin, h, w),
             kernels.reshape(b * self.out_channels, *kernels.shape[2:]), None, self.stride, padding,

@@ -186,7 +186,8 @@ class _FrequencyDynamicLayer(nn.Module):
 
     def _apply_kernels_backward(
             self, inp: torch.Tensor, grad: torch.Tensor, kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients of :meth:`_apply_kernels` with respect to its input and to the kernels (B, Cout, Cin, k, k)."""
+        """Gradients of :meth:`_apply_kernels` with respect to its input and to the kernels (B, Cout, Cin, k, k),
+        the latter possibly in scratch memory."""
         raise NotImplementedError
 
     _channel_dim = 1
@@ -535,14 +536,18 @@ class FDConv2d(_FrequencyDynamicLayer):
             flat_inp, flat_grad = inp.reshape(b, cin, h * w), grad.reshape(b, self.out_channels, h * w)
             flat_k = kernels.view(b, self.out_channels, cin)
             grad_inp = torch.bmm(flat_k.transpose(1, 2), flat_grad).view(b, cin, h, w)
-            return grad_inp, torch.bmm(flat_grad, flat_inp.transpose(1, 2)).view(kernels.shape)
+            grad_k = scratch('fdconv.grad_kernel', kernels.shape, kernels.device, kernels.dtype)
+            torch.bmm(flat_grad, flat_inp.transpose(1, 2), out=grad_k.view(b, self.out_channels, cin))
+            return grad_inp, grad_k
         padding, _ = self._explicit_padding()
         if self._uses_unfold(inp):
             cols = F.unfold(inp, self.kernel_size, self.dilation, padding, self.stride)
             flat_grad, flat_k = grad.reshape(b, self.out_channels, -1), kernels.view(b, self.out_channels, -1)
             grad_cols = torch.bmm(flat_k.transpose(1, 2), flat_grad)
             grad_inp = F.fold(grad_cols, (h, w), self.kernel_size, self.dilation, padding, self.stride)
-            return grad_inp, torch.bmm(flat_grad, cols.transpose(1, 2)).view(kernels.shape)
+            grad_k = scratch('fdconv.grad_kernel', kernels.shape, kernels.device, kernels.dtype)
+            torch.bmm(flat_grad, cols.transpose(1, 2), out=grad_k.view(b, self.out_channels, -1))
+            return grad_inp, grad_k
         grad_inp, grad_k, _ = torch.ops.aten.convolution_backward(
             grad.reshape(1, b * self.out_channels, *grad.shape[-2:]), inp.reshape(1, b * cin, h, w),
             kernels.reshape(b * self.out_channels, *kernels.shape[2:]), None, self.stride, padding,
@@ -622,7 +627,9 @@ class FDLinear(_FrequencyDynamicLayer):
             self, inp: torch.Tensor, grad: torch.Tensor, kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = inp.shape[0]
         grad_inp = torch.bmm(grad, kernels.view(b, self.out_channels, self.in_channels))
-        return grad_inp, torch.bmm(grad.transpose(1, 2), inp).view(kernels.shape)
+        grad_k = scratch('fdconv.grad_kernel', kernels.shape, kernels.device, kernels.dtype)
+        torch.bmm(grad.transpose(1, 2), inp, out=grad_k.view(b, self.out_channels, self.in_channels))
+        return grad_inp, grad_k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x).view(*x.shape[:-1], self.out_channels)

@@ -107,21 +107,13 @@ class _FrequencyDynamicLayer(nn.Module):
         if bias is not None:
             self.bias.copy_(bias)
 
-    def sample_weights(self, pooled: torch.Tensor) -> tuple[GlobalAttention, torch.Tensor]:
-        """Pooled input (B, Cin) -> global attention and the per-sample kernels (B, Cout, Cg, k, k), >= float32.
-
-        The kernels carry FDW, spatial and local modulation; channel/filter attention are left to the caller
-        (on the fast path the local branch's constant att_multi moves into the channel attention).
-        """
+    def _attention(self, pooled: torch.Tensor) -> tuple[GlobalAttention, torch.Tensor | None]:
+        """Pooled input (B, Cin) -> global attention and the local branch's input windows (or None)."""
         pooled = pooled.to(self.ksm_global.fc.weight.dtype)
         with record_function('fdconv.ksm'):
             att = self.ksm_global(pooled)
             windows = self.ksm_local.windows(pooled) if self.ksm_local is not None else None
-        with record_function('fdconv.synthesis'):
-            if self._fast_path():
-                kernels, _, _ = self._fast_kernels(att.kernel, att.spatial, windows)
-                return self._fold_local_scale(att), kernels
-            return att, self._synthesize(att, windows)
+        return att, windows
 
     def _fast_path(self) -> bool:
         return not torch.is_grad_enabled() and self.groups == 1 and not torch.compiler.is_compiling()
@@ -131,7 +123,8 @@ class _FrequencyDynamicLayer(nn.Module):
         return att if self.ksm_local is None else att._replace(channel=att.channel * self.att_multi)
 
     def _synthesize(self, att: GlobalAttention, windows: torch.Tensor | None) -> torch.Tensor:
-        """The differentiable path: plain tensor algebra, any groups (recomputed in backward when ``recompute``)."""
+        """The differentiable path, any groups: per-sample kernels (B, Cout, Cg, k, k) with FDW, spatial and
+        local modulation (channel/filter attention are applied to the activations)."""
         k = self.fdw.kernel_size
         weight = matrix_to_weight(self.fdw(att.kernel), self.out_channels, k)
         scale = self.att_multi if self.ksm_local is not None else 1.0
@@ -144,33 +137,21 @@ class _FrequencyDynamicLayer(nn.Module):
         return weight.contiguous()
 
     @torch.no_grad()
-    def _fast_kernels(
-            self,
-            kernel_att: torch.Tensor,
-            spatial: torch.Tensor | None,
-            windows: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """groups = 1, no autograd: the kernels M * sigmoid(L) * s (B, Cout, Cin, k, k) without the local
-        att_multi, in the fewest passes over B x |W| floats.
+    def _fast_product(
+            self, kernel_att: torch.Tensor, windows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """groups = 1, no autograd: P = M * sigmoid(L) in FDW's weight-matrix layout (B, Cout*k, Cin*k), fresh,
+        and sigmoid(L) (scratch, None without the local branch), in the fewest passes over B x |W| floats.
 
-        Everything runs in FDW's weight-matrix layout (B, Cout*k, Cin*k), where the products are contiguous and
-        vectorise; one last pass applies the spatial attention while reordering to (o, i, u, v) (k > 1 only).
-        Also returns, for the hand-written gradient, the product M * sigmoid(L) and sigmoid(L) (scratch), both
-        in matrix layout.
+        The layout is the one the inverse FFT writes, so the products are contiguous and vectorise. The spatial
+        attention and the local att_multi are applied later, where they are cheapest (see ``_apply_product``).
         """
-        k, b = self.fdw.kernel_size, kernel_att.shape[0]
-        cout, cin = self.out_channels, self.in_channels
-        product = self.fdw.synthesize(kernel_att)  # fresh (B, Cout*k, Cin*k)
+        product = self.fdw.synthesize(kernel_att)
         local = None
         if self.ksm_local is not None:
             local = scratch('ksm.local', product.shape, product.device, product.dtype)
             self.ksm_local.matrix_logits(windows, out=local).sigmoid_()
             product.mul_(local)
-        if k == 1:
-            return product.view(b, cout, cin, 1, 1), product, local
-        kernels = scratch('fdconv.kernel', (b, cout, cin, k, k), product.device, product.dtype)
-        _reorder_scaled(product, kernels, spatial.to(product.dtype), to_kernel_order=True)
-        return kernels, product, local
+        return product, local
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """The KSM statistics: per-sample mean of the input (B, Cin), in the FFT dtype."""
@@ -181,23 +162,44 @@ class _FrequencyDynamicLayer(nn.Module):
         raise NotImplementedError
 
     def _apply_kernels(self, inp: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-        """Per-sample convolution / matrix product; output with channels at ``self._channel_dim``."""
+        """Per-sample convolution / matrix product with kernels (B, Cout, Cg, k, k); channels of the output
+        at ``self._channel_dim``."""
         raise NotImplementedError
 
-    def _apply_kernels_backward(
-            self, inp: torch.Tensor, grad: torch.Tensor, kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients of :meth:`_apply_kernels` with respect to its input and to the kernels (B, Cout, Cin, k, k),
-        the latter possibly in scratch memory."""
+    def _apply_product(self, inp: torch.Tensor, product: torch.Tensor, spatial: torch.Tensor | None) -> torch.Tensor:
+        """Fast path (groups = 1): the same with the kernels given as P (B, Cout*k, Cin*k) and s (B, k*k)."""
+        return self._apply_kernels(inp, product.view(product.shape[0], self.out_channels, self.in_channels, 1, 1))
+
+    def _apply_product_backward(
+            self,
+            inp: torch.Tensor,
+            grad: torch.Tensor,
+            product: torch.Tensor,
+            spatial: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Gradients of :meth:`_apply_product` for its input, P (matrix layout, may live in FDW's gradient
+        buffer) and s; the last is None when s is absent or the caller should take it from sum(P * dP) / s."""
         raise NotImplementedError
 
     _channel_dim = 1
 
     def _dynamic_forward(self, x: torch.Tensor) -> torch.Tensor:
-        att, kernels = self.sample_weights(self._pool(x))
+        att, windows = self._attention(self._pool(x))
+        fast = self._fast_path()
+        with record_function('fdconv.synthesis'):
+            if fast:
+                product, _ = self._fast_product(att.kernel, windows)
+                att = self._fold_local_scale(att)
+            else:
+                kernels = self._synthesize(att, windows)
         with record_function('fdconv.fbm'):
             inp = self._kernel_input(x, att.channel)
         with record_function('fdconv.conv'):
-            return self._finish(self._apply_kernels(inp, kernels.to(x.dtype)), att.filter)
+            if fast:
+                y = self._apply_product(inp, product.to(x.dtype), att.spatial)
+            else:
+                y = self._apply_kernels(inp, kernels.to(x.dtype))
+            return self._finish(y, att.filter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -297,8 +299,7 @@ class _SynthesisGradient(torch.autograd.Function):
         with torch.no_grad():
             k, b = layer.fdw.kernel_size, x.shape[0]
             spatial = att.spatial.detach() if att.spatial is not None else None
-            kernels, product, local = layer._fast_kernels(
-                att.kernel.detach(), spatial, windows.detach() if windows is not None else None)
+            product, local = layer._fast_product(att.kernel.detach(), windows.detach() if windows is not None else None)
             grad_z = grad_out
             if att.filter is not None:
                 shape = [1] * grad_out.ndim
@@ -307,25 +308,22 @@ class _SynthesisGradient(torch.autograd.Function):
             if layer.bias is not None:
                 dims = [d for d in range(grad_out.ndim) if d != layer._channel_dim]
                 grads['bias'] = grad_out.sum(dims).to(layer.bias.dtype)
-            grad_inp, grad_k = layer._apply_kernels_backward(inp.detach(), grad_z, kernels.to(x.dtype))
+            grad_inp, grad_m, grad_spatial = layer._apply_product_backward(
+                inp.detach(), grad_z, product.to(x.dtype), spatial)
             output_grads.append(grad_inp)
-            # G * s in matrix layout (for k = 1 the layouts agree and there is no s)
-            if k == 1:
-                grad_m = grad_k.to(product.dtype).view(product.shape)
-            else:
-                grad_m = layer.fdw.gradient_buffer(b, product.dtype)
-                _reorder_scaled(grad_m, grad_k, spatial.view(b, k, k), to_kernel_order=False)
-            del grad_k
-            product.mul_(grad_m)  # G * s * M * sigmoid(L): its sums give the filter and spatial gradients
-            if att.filter is not None:  # sum_hw grad_out * z == sum_(i,u,v) G * K / f
+            grad_m = grad_m.to(product.dtype)  # dL/dP, matrix layout
+            product.mul_(grad_m)  # P * dL/dP: its sums give the filter (and spatial) gradients
+            if att.filter is not None:  # sum_hw grad_out * z == sum_(i,u,v) P * dL/dP / f
                 outputs.append(att.filter)
                 output_grads.append(_safe_divide(product.view(b, layer.out_channels, -1).sum(-1), att.filter.detach()))
             if spatial is not None:
+                if grad_spatial is None:
+                    per_position = product.view(b, layer.out_channels, k, -1, k).sum((1, 3)).view(b, k * k)
+                    grad_spatial = _safe_divide(per_position, spatial)
                 outputs.append(att.spatial)
-                per_position = product.view(b, layer.out_channels, k, -1, k).sum((1, 3)).view(b, k * k)
-                output_grads.append(_safe_divide(per_position, spatial))
+                output_grads.append(grad_spatial.to(att.spatial.dtype))
             if local is not None:
-                grad_m.mul_(local)  # dL/dM = G * s * sigmoid(L)
+                grad_m.mul_(local)  # dL/dM = dL/dP * sigmoid(L)
                 torch.addcmul(product, product, local, value=-1, out=local)  # dL/dlogits, in sigmoid(L)'s memory
                 grad_taps, grad_windows = layer.ksm_local.matrix_logits_backward(local, windows.detach())
                 grads['ksm_local.conv.weight'] = grad_taps.to(layer.ksm_local.conv.weight.dtype)
@@ -480,12 +478,12 @@ class FDConv2d(_FrequencyDynamicLayer):
         return self.kernel_size == (1, 1) and self.groups == 1 and self._explicit_padding() == ((0, 0), None)
 
     def _uses_unfold(self, inp: torch.Tensor) -> bool:
-        """Small maps (at most Cout/4 output positions, e.g. ResNet stage 4): im2col and one batched matrix
+        """Small maps (at most Cout output positions, e.g. ResNet stages 3 and 4): im2col and one batched matrix
         product beat the grouped convolution there, where the per-sample kernels outweigh the activations."""
         if self.groups != 1 or self.kernel_size == (1, 1):
             return False
         ho, wo = self._output_size(inp)
-        return 4 * ho * wo <= self.out_channels
+        return ho * wo <= self.out_channels
 
     def _output_size(self, inp: torch.Tensor) -> tuple[int, int]:
         padding, _ = self._explicit_padding()
@@ -520,39 +518,72 @@ class FDConv2d(_FrequencyDynamicLayer):
             out = torch.bmm(kernels.view(b, self.out_channels, cin), inp.reshape(b, cin, h * w))
             return out.view(b, self.out_channels, h, w)
         padding, _ = self._explicit_padding()
-        if self._uses_unfold(inp):
-            cols = F.unfold(inp, self.kernel_size, self.dilation, padding, self.stride)  # (B, Cin*k*k, L)
-            out = torch.bmm(kernels.view(b, self.out_channels, -1), cols)
-            return out.view(b, self.out_channels, *self._output_size(inp))
         out = F.conv2d(
             inp.reshape(1, b * cin, h, w), kernels.reshape(b * self.out_channels, *kernels.shape[2:]), None,
             self.stride, padding, self.dilation, b * self.groups)
         return out.view(b, self.out_channels, *out.shape[-2:])
 
-    def _apply_kernels_backward(
-            self, inp: torch.Tensor, grad: torch.Tensor, kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, cin, h, w = inp.shape
+    def _kernels_from_product(self, product: torch.Tensor, spatial: torch.Tensor) -> torch.Tensor:
+        """P (matrix layout) and s -> kernels (B, Cout, Cin, k, k) in scratch memory."""
+        k, b = self.kernel_size[0], product.shape[0]
+        kernels = scratch('fdconv.kernel', (b, self.out_channels, self.in_channels, k, k), product.device,
+                          product.dtype)
+        _reorder_scaled(product, kernels, spatial.to(product.dtype), to_kernel_order=True)
+        return kernels
+
+    def _unfold_by_row(self, inp: torch.Tensor, spatial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """im2col with rows in the weight-matrix order (u, i, v), each scaled by s[u, v], so that P
+        (B, Cout, k*Cin*k) multiplies it as it is: no reordering of the kernels, s costs activation memory only.
+        Returns the scaled columns (B, k*Cin*k, L) and the unscaled ones as a (B, k, Cin, k, L) view."""
+        k, (b, cin) = self.kernel_size[0], inp.shape[:2]
+        padding, _ = self._explicit_padding()
+        cols = F.unfold(inp, self.kernel_size, self.dilation, padding, self.stride)
+        cols = cols.view(b, cin, k, k, -1).transpose(1, 2)
+        scaled = torch.empty((b, k, cin, k, cols.shape[-1]), device=inp.device, dtype=inp.dtype)
+        torch.mul(cols, spatial.view(b, k, 1, k, 1).to(inp.dtype), out=scaled)
+        return scaled.view(b, k * cin * k, -1), cols
+
+    def _apply_product(self, inp: torch.Tensor, product: torch.Tensor, spatial: torch.Tensor | None) -> torch.Tensor:
         if self._uses_matmul():
-            flat_inp, flat_grad = inp.reshape(b, cin, h * w), grad.reshape(b, self.out_channels, h * w)
-            flat_k = kernels.view(b, self.out_channels, cin)
-            grad_inp = torch.bmm(flat_k.transpose(1, 2), flat_grad).view(b, cin, h, w)
-            grad_k = scratch('fdconv.grad_kernel', kernels.shape, kernels.device, kernels.dtype)
-            torch.bmm(flat_grad, flat_inp.transpose(1, 2), out=grad_k.view(b, self.out_channels, cin))
-            return grad_inp, grad_k
+            return self._apply_kernels(inp, product)
+        if self._uses_unfold(inp):
+            cols, _ = self._unfold_by_row(inp, spatial)
+            out = torch.bmm(product.view(inp.shape[0], self.out_channels, -1), cols)
+            return out.view(inp.shape[0], self.out_channels, *self._output_size(inp))
+        return self._apply_kernels(inp, self._kernels_from_product(product, spatial))
+
+    def _apply_product_backward(
+            self,
+            inp: torch.Tensor,
+            grad: torch.Tensor,
+            product: torch.Tensor,
+            spatial: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        b, cin, h, w = inp.shape
+        grad_m = self.fdw.gradient_buffer(b, product.dtype)
+        flat_grad, flat_p = grad.reshape(b, self.out_channels, -1), product.view(b, self.out_channels, -1)
+        if self._uses_matmul():
+            grad_inp = torch.bmm(flat_p.transpose(1, 2), flat_grad).view(inp.shape)
+            torch.bmm(flat_grad, inp.reshape(b, cin, -1).transpose(1, 2), out=grad_m)
+            return grad_inp, grad_m, None
+        k = self.kernel_size[0]
         padding, _ = self._explicit_padding()
         if self._uses_unfold(inp):
-            cols = F.unfold(inp, self.kernel_size, self.dilation, padding, self.stride)
-            flat_grad, flat_k = grad.reshape(b, self.out_channels, -1), kernels.view(b, self.out_channels, -1)
-            grad_cols = torch.bmm(flat_k.transpose(1, 2), flat_grad)
-            grad_inp = F.fold(grad_cols, (h, w), self.kernel_size, self.dilation, padding, self.stride)
-            grad_k = scratch('fdconv.grad_kernel', kernels.shape, kernels.device, kernels.dtype)
-            torch.bmm(flat_grad, cols.transpose(1, 2), out=grad_k.view(b, self.out_channels, -1))
-            return grad_inp, grad_k
+            cols, unscaled = self._unfold_by_row(inp, spatial)
+            torch.bmm(flat_grad, cols.transpose(1, 2), out=grad_m.view(b, self.out_channels, -1))
+            grad_cols = torch.bmm(flat_p.transpose(1, 2), flat_grad).view(unscaled.shape)
+            grad_spatial = (grad_cols * unscaled).sum((2, 4)).view(b, k * k)
+            grad_cols = (grad_cols * spatial.view(b, k, 1, k, 1).to(grad_cols.dtype)).transpose(1, 2)
+            grad_inp = F.fold(grad_cols.reshape(b, cin * k * k, -1), (h, w), self.kernel_size, self.dilation,
+                              padding, self.stride)
+            return grad_inp, grad_m, grad_spatial
+        kernels = self._kernels_from_product(product, spatial)
         grad_inp, grad_k, _ = torch.ops.aten.convolution_backward(
             grad.reshape(1, b * self.out_channels, *grad.shape[-2:]), inp.reshape(1, b * cin, h, w),
-            kernels.reshape(b * self.out_channels, *kernels.shape[2:]), None, self.stride, padding,
-            self.dilation, False, (0, 0), b * self.groups, (True, True, False))
-        return grad_inp.view(inp.shape), grad_k.view(kernels.shape)
+            kernels.view(b * self.out_channels, cin, k, k), None, self.stride, padding, self.dilation, False,
+            (0, 0), b, (True, True, False))
+        _reorder_scaled(grad_m, grad_k.view(kernels.shape), spatial.to(grad_m.dtype), to_kernel_order=False)
+        return grad_inp.view(inp.shape), grad_m, None
 
 
 @register_notrace_module
@@ -623,13 +654,18 @@ class FDLinear(_FrequencyDynamicLayer):
         b = inp.shape[0]
         return torch.bmm(inp, kernels.view(b, self.out_channels, self.in_channels).transpose(1, 2))
 
-    def _apply_kernels_backward(
-            self, inp: torch.Tensor, grad: torch.Tensor, kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _apply_product_backward(
+            self,
+            inp: torch.Tensor,
+            grad: torch.Tensor,
+            product: torch.Tensor,
+            spatial: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         b = inp.shape[0]
-        grad_inp = torch.bmm(grad, kernels.view(b, self.out_channels, self.in_channels))
-        grad_k = scratch('fdconv.grad_kernel', kernels.shape, kernels.device, kernels.dtype)
-        torch.bmm(grad.transpose(1, 2), inp, out=grad_k.view(b, self.out_channels, self.in_channels))
-        return grad_inp, grad_k
+        grad_inp = torch.bmm(grad, product.view(b, self.out_channels, self.in_channels))
+        grad_m = self.fdw.gradient_buffer(b, product.dtype)
+        torch.bmm(grad.transpose(1, 2), inp, out=grad_m)
+        return grad_inp, grad_m, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x).view(*x.shape[:-1], self.out_channels)

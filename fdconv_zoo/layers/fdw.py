@@ -125,16 +125,14 @@ class FourierDisjointWeight(nn.Module):
         spec = torch.view_as_complex(self.spectrum.to(dtype) * scale).transpose(1, 2)
         return torch.fft.irfft2(spec, s=(self.rows, self.cols))
 
-    def _groups_by_column(self, pairs: bool = False) -> torch.Tensor:
-        """``group_of_bin`` in column-major (C, R) order, flattened (each entry twice with ``pairs``, for
-        real/imag pairs); cached until the buffer changes."""
+    def _groups_by_column(self) -> torch.Tensor:
+        """``group_of_bin`` in column-major (C, R) order, flattened; cached until the buffer changes."""
         group = self.group_of_bin
         key = (group.data_ptr(), group._version, group.device)
         if getattr(self, '_by_column_key', None) != key:
             self._by_column = group.t().reshape(-1)
-            self._by_column_pairs = self._by_column.repeat_interleave(2)
             self._by_column_key = key
-        return self._by_column_pairs if pairs else self._by_column
+        return self._by_column
 
     def _half_spectrum_buffer(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
         rows, half = self.group_of_bin.shape
@@ -184,10 +182,12 @@ class FourierDisjointWeight(nn.Module):
         weight[0] /= 2
         if self.cols % 2 == 0:
             weight[-1] /= 2
-        # d/d(scale of a bin) = <grad, spectrum> over real/imag; summed per group straight from the pairs
-        torch.mul(grad_spec, self.spectrum.to(dtype) * weight, out=buffer)
+        # d/d(scale of a bin) = <grad, spectrum> over real/imag, then summed per group
+        weighted = self.spectrum.to(dtype) * weight
+        grad_scale = buffer.view(-1)[:b * half * rows].view(b, half, rows)
+        torch.mul(grad_spec[..., 0], weighted[..., 0], out=grad_scale).addcmul_(grad_spec[..., 1], weighted[..., 1])
         grad_attention = torch.zeros(b, self.num_groups, device=grad_spec.device, dtype=dtype)
-        grad_attention.index_add_(1, self._groups_by_column(pairs=True), buffer.view(b, -1))
+        grad_attention.index_add_(1, self._groups_by_column(), grad_scale.view(b, -1))
         scale = scratch('fdw.scale', (b, half, rows), grad_spec.device, dtype)
         grad_spectrum = torch.mul(grad_spec, scale.unsqueeze(-1), out=buffer).sum(0).mul_(weight)
         return grad_spectrum, grad_attention

@@ -160,7 +160,8 @@ class KSMLocal(nn.Module):
     def matrix_logits(self, windows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """groups = 1: logits in FDW's weight-matrix layout (B, Cout*k, Cin*k), written into ``out``."""
         taps = self.expanded_taps().to(out.dtype)
-        return torch.matmul(taps, self.expanded_windows(windows.to(out.dtype)).transpose(1, 2), out=out)
+        windows = self.expanded_windows(windows.to(out.dtype))
+        return torch.bmm(taps.expand(windows.shape[0], -1, -1), windows.transpose(1, 2), out=out)
 
     def matrix_logits_backward(
             self, grad: torch.Tensor, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,6 +170,6 @@ class KSMLocal(nn.Module):
         k, b = self.kernel_size, grad.shape[0]
         grad_taps = torch.bmm(grad, self.expanded_windows(windows.to(grad.dtype))).sum(0)  # (Cout*k, K*k)
         grad_taps = grad_taps.view(self.out_channels, k, self.conv_size, k).transpose(2, 3)
-        expanded = self.expanded_taps().to(grad.dtype).t() @ grad  # (B, K*k, Cin*k)
+        expanded = torch.bmm(self.expanded_taps().to(grad.dtype).t().expand(b, -1, -1), grad)  # (B, K*k, Cin*k)
         grad_windows = expanded.view(b, self.conv_size, k, self.in_channels, k).diagonal(dim1=2, dim2=4).sum(-1)
         return grad_taps.reshape(self.conv.weight.shape), grad_windows.transpose(1, 2)

@@ -313,13 +313,13 @@ class _SynthesisGradient(torch.autograd.Function):
             output_grads.append(grad_inp)
             grad_m = grad_m.to(product.dtype)  # dL/dP, matrix layout
             product.mul_(grad_m)  # P * dL/dP: its sums give the filter (and spatial) gradients
+            per_tap = product.view(b, layer.out_channels, k, -1, k).sum(3)  # (B, Cout, k, k), one pass
             if att.filter is not None:  # sum_hw grad_out * z == sum_(i,u,v) P * dL/dP / f
                 outputs.append(att.filter)
-                output_grads.append(_safe_divide(product.view(b, layer.out_channels, -1).sum(-1), att.filter.detach()))
+                output_grads.append(_safe_divide(per_tap.sum((2, 3)), att.filter.detach()))
             if spatial is not None:
                 if grad_spatial is None:
-                    per_position = product.view(b, layer.out_channels, k, -1, k).sum((1, 3)).view(b, k * k)
-                    grad_spatial = _safe_divide(per_position, spatial)
+                    grad_spatial = _safe_divide(per_tap.sum(1).view(b, k * k), spatial)
                 outputs.append(att.spatial)
                 output_grads.append(grad_spatial.to(att.spatial.dtype))
             if local is not None:

@@ -149,7 +149,7 @@ class FourierDisjointWeight(nn.Module):
         dtype = fft_dtype(self.spectrum.dtype)
         b, (rows, half) = kernel_attention.shape[0], self.group_of_bin.shape
         scale = scratch('fdw.scale', (b, half, rows), kernel_attention.device, dtype)
-        torch.index_select(kernel_attention.to(dtype), 1, self._groups_by_column(), out=scale.view(b, -1))
+        torch.gather(kernel_attention.to(dtype), 1, self._groups_by_column().expand(b, -1), out=scale.view(b, -1))
         buffer = self._half_spectrum_buffer(b, dtype)
         torch.mul(self.spectrum.to(dtype), scale.unsqueeze(-1), out=buffer)
         columns = torch.fft.ifft(torch.view_as_complex(buffer), dim=-1)  # inverse along R: (B, C/2+1, R)

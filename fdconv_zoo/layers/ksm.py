@@ -168,7 +168,8 @@ class KSMLocal(nn.Module):
         """Gradient of :meth:`matrix_logits` (B, Cout*k, Cin*k) -> gradients of the conv taps (shaped like
         ``conv.weight``) and of the windows (B, Cin, K)."""
         k, b = self.kernel_size, grad.shape[0]
-        grad_taps = torch.bmm(grad, self.expanded_windows(windows.to(grad.dtype))).sum(0)  # (Cout*k, K*k)
+        expanded = self.expanded_windows(windows.to(grad.dtype))
+        grad_taps = torch.bmm(expanded.transpose(1, 2), grad.transpose(1, 2)).sum(0).t()  # (Cout*k, K*k)
         grad_taps = grad_taps.view(self.out_channels, k, self.conv_size, k).transpose(2, 3)
         expanded = torch.bmm(self.expanded_taps().to(grad.dtype).t().expand(b, -1, -1), grad)  # (B, K*k, Cin*k)
         grad_windows = expanded.view(b, self.conv_size, k, self.in_channels, k).diagonal(dim1=2, dim2=4).sum(-1)

@@ -190,6 +190,26 @@ def test_low_precision_output_dtype(dtype):
         assert half_layer(x.to(dtype)).dtype == dtype
 
 
+def test_training_under_autocast_keeps_dtypes_and_gradients():
+    """bf16 autocast in forward (output bf16), backward in the input's dtype: gradients close to float32's."""
+    torch.manual_seed(8)
+    layer = FDConv2d(24, 24, 3, padding=1)
+    randomize_(layer, scale=0.1)
+    x = torch.randn(2, 24, 8, 8)
+    grads = []
+    for amp in (False, True):
+        layer.zero_grad()
+        inp = x.clone().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+            y = layer(inp)
+        assert y.dtype == (torch.bfloat16 if amp else torch.float32)
+        y.float().pow(2).mean().backward()
+        assert inp.grad.dtype == torch.float32
+        grads.append([inp.grad] + [p.grad for p in layer.parameters()])
+    for g32, g16 in zip(*grads, strict=True):
+        assert rel_err(g16, g32) < 5e-2
+
+
 def test_fdlinear_pools_over_all_tokens_and_keeps_shape():
     torch.manual_seed(6)
     lin = FDLinear(20, 30).eval()

@@ -282,9 +282,13 @@ class _SynthesisGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        layer: _FrequencyDynamicLayer = ctx.layer
         (x,) = ctx.saved_tensors
-        needs = ctx.needs_input_grad[1:]
+        # in the input's dtype, whatever autocast did in forward (the output may be bf16 under autocast)
+        with torch.autocast(x.device.type, enabled=False):
+            return _SynthesisGradient._gradients(ctx.layer, x, ctx.needs_input_grad[1:], grad_out.to(x.dtype))
+
+    @staticmethod
+    def _gradients(layer: _FrequencyDynamicLayer, x: torch.Tensor, needs: tuple[bool, ...], grad_out: torch.Tensor):
         named = dict(layer.named_parameters())
         by_hand = {'fdw.spectrum', 'ksm_local.conv.weight', 'bias'}
         with torch.enable_grad():

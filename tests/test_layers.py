@@ -131,8 +131,9 @@ def test_gradcheck_float64():
     lambda: FDConv2d(16, 24, 2, padding='same', dilation=2, num_freq_groups=4),  # asymmetric 'same'
     lambda: FDConv2d(16, 16, 3, padding=1, padding_mode='reflect', num_freq_groups=4, fbm=False),
     lambda: FDConv2d(16, 112, 3, stride=2, padding=1, num_freq_groups=8),  # small map: im2col path
+    lambda: FDConv2d(16, 24, 1, padding=1, num_freq_groups=4),  # padded 1x1: grouped-convolution path
     lambda: FDLinear(20, 36, num_freq_groups=6),
-], ids=['3x3', '1x1-stride', 'odd-no-local', 'same-even-k', 'reflect', 'small-map', 'linear'])
+], ids=['3x3', '1x1-stride', 'odd-no-local', 'same-even-k', 'reflect', 'small-map', 'padded-1x1', 'linear'])
 def test_hand_written_gradient_matches_autograd(make):
     """The training path (fast forward, gradient of the kernel synthesis by hand) against plain autograd."""
     torch.manual_seed(7)

@@ -528,8 +528,10 @@ class FDConv2d(_FrequencyDynamicLayer):
         return out.view(b, self.out_channels, *out.shape[-2:])
 
     def _kernels_from_product(self, product: torch.Tensor, spatial: torch.Tensor) -> torch.Tensor:
-        """P (matrix layout) and s -> kernels (B, Cout, Cin, k, k) in scratch memory."""
+        """P (matrix layout) and s -> kernels (B, Cout, Cin, k, k), for k > 1 in scratch memory."""
         k, b = self.kernel_size[0], product.shape[0]
+        if spatial is None:  # k = 1: the layouts agree
+            return product.view(b, self.out_channels, self.in_channels, 1, 1)
         kernels = scratch('fdconv.kernel', (b, self.out_channels, self.in_channels, k, k), product.device,
                           product.dtype)
         _reorder_scaled(product, kernels, spatial.to(product.dtype), to_kernel_order=True)
@@ -586,6 +588,8 @@ class FDConv2d(_FrequencyDynamicLayer):
             grad.reshape(1, b * self.out_channels, *grad.shape[-2:]), inp.reshape(1, b * cin, h, w),
             kernels.view(b * self.out_channels, cin, k, k), None, self.stride, padding, self.dilation, False,
             (0, 0), b, (True, True, False))
+        if spatial is None:
+            return grad_inp.view(inp.shape), grad_k.view(grad_m.shape), None
         _reorder_scaled(grad_m, grad_k.view(kernels.shape), spatial.to(grad_m.dtype), to_kernel_order=False)
         return grad_inp.view(inp.shape), grad_m, None
 

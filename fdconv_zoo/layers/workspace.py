@@ -1,8 +1,9 @@
-"""Reusable scratch memory for per-sample kernels in inference.
+"""Reusable scratch memory for the B x |W| tensors of kernel synthesis (forward and hand-written backward).
 
 A per-sample kernel tensor is B x |W| floats (660 MB at batch 8 for ResNet-50's FDConv layers). On the CPU a
-fresh tensor that large is mapped page by page, which costs about three times the arithmetic done on it.
-Layers run one after another, so one buffer per role, grown to the largest layer, serves all of them.
+fresh tensor that large is mapped page by page, which costs about as much as the arithmetic done on it.
+Layers run one after another (also in backward), so one buffer per role, grown to the largest layer, serves
+all of them; buffers are per thread.
 """
 from __future__ import annotations
 

@@ -260,7 +260,8 @@ PARTS = ('fdconv.ksm', 'fdconv.synthesis', 'fdconv.fbm', 'fdconv.conv')
 def part_breakdown(fd_name: str, batch_size: int, img_size: int, device: str | torch.device = 'cpu',
                    repeats: int = 3) -> dict[str, float]:
     """Milliseconds per eval forward spent in each FDConv part, summed over layers (torch.profiler, median over
-    ``repeats``): KSM heads and logits, kernel synthesis (FFT and products), FBM, the convolution itself."""
+    ``repeats``): KSM heads, kernel synthesis (FFTs and products), FBM with the channel scaling of the input,
+    the convolution itself."""
     import timm
     from torch.profiler import ProfilerActivity, profile
     device = torch.device(device)

@@ -4,6 +4,11 @@
 Each sample gets its own kernel: FDW synthesises it from the spectrum and per-group attention, KSM scales it
 per channel, filter, kernel position and element; FBM (3x3 layers) re-weights the input's frequency bands.
 Channel and filter attention are applied to the activations, which is the same as scaling the kernel.
+
+Speed (groups = 1): without autograd the B x |W| work runs in FDW's weight-matrix layout in scratch memory
+(``_fast_product``) and the kernels are applied in the layout they are made in (``_apply_product``); training
+runs that same path forward and differentiates it by hand (``_SynthesisGradient``). Other cases (groups > 1,
+``recompute=False``, torch.compile) use plain tensor algebra and autograd (``_synthesize``).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
+from torch.autograd.function import once_differentiable
 from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
@@ -253,6 +259,7 @@ class _RecomputeInBackward(torch.autograd.Function):
         return layer._dynamic_forward(x)  # autograd.Function.forward runs without grad
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
         params = list(ctx.layer.parameters())
@@ -281,6 +288,7 @@ class _SynthesisGradient(torch.autograd.Function):
         return layer._dynamic_forward(x)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
         # in the input's dtype, whatever autocast did in forward (the output may be bf16 under autocast)
@@ -359,8 +367,8 @@ class FDConv2d(_FrequencyDynamicLayer):
         ksm_local: use the per-element local KSM branch.
         fbm: frequency band modulation of the input; None means on for 3x3 kernels (the paper's placement).
         fbm_cutoffs: low-pass cut-offs kappa of the FBM bands.
-        recompute: in training, rebuild the per-sample kernels in backward instead of storing them
-            (activation checkpointing of the layer: far less memory, one more kernel synthesis).
+        recompute: in training, keep only the input and rebuild the per-sample kernels in backward instead of
+            storing them (far less memory, one more kernel synthesis; hand-written gradient for groups = 1).
     """
 
     def __init__(

@@ -224,9 +224,11 @@ class _FrequencyDynamicLayer(nn.Module):
         shape = [1] * y.ndim
         shape[0], shape[self._channel_dim] = y.shape[0], self.out_channels
         bias = self.bias.view(shape[1:]).to(y.dtype) if self.bias is not None else None
-        if not torch.is_grad_enabled():  # in place on the fresh output
+        if not torch.is_grad_enabled():  # in place on the fresh output, one pass
+            if filter_att is not None and bias is not None:
+                return torch.addcmul(bias, y, filter_att.view(shape).to(y.dtype), out=y)
             if filter_att is not None:
-                y.mul_(filter_att.view(shape).to(y.dtype))
+                return y.mul_(filter_att.view(shape).to(y.dtype))
             return y.add_(bias) if bias is not None else y
         if filter_att is not None:
             y = y * filter_att.view(shape).to(y.dtype)

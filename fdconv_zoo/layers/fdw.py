@@ -58,14 +58,16 @@ def radial_grouping(rows: int, cols: int, num_groups: int, device: torch.device 
     return group.view(rows, cols // 2 + 1).to(device)
 
 
-def _copy_transposed(src: torch.Tensor, dst: torch.Tensor, tile: int = 32) -> None:
-    """dst = src.transpose(1, 2) for (B, X, Y) -> (B, Y, X); on CPU in tiles of 32 rows of ``src``, which
-    keeps them in cache and runs about 25% faster than one strided copy."""
-    if src.device.type != 'cpu':
-        dst.copy_(src.transpose(1, 2))
-        return
-    for start in range(0, src.shape[1], tile):
-        dst[:, :, start:start + tile].copy_(src[:, start:start + tile].transpose(1, 2))
+WHOLE_TRANSFORM_BYTES = 1 << 24
+SLICE_BYTES = 1 << 22
+
+
+def _slice_size(length: int, bytes_per_index: int) -> int:
+    """How many indices of an axis to transform at once: all of them up to 16 MB, else slices of about 4 MB
+    (small enough for cache and for glibc to reuse freed memory instead of mapping fresh pages)."""
+    if length * bytes_per_index <= WHOLE_TRANSFORM_BYTES:
+        return length
+    return max(1, SLICE_BYTES // bytes_per_index)
 
 
 def _scale_pairs(pairs: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -152,34 +154,42 @@ class FourierDisjointWeight(nn.Module):
             self._by_column_key = key
         return self._by_column
 
-    def _half_spectrum_buffer(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
-        rows, half = self.group_of_bin.shape
-        return scratch('fdw.spectrum', (batch_size, half, rows, 2), self.spectrum.device, dtype)
-
     @torch.no_grad()
     def synthesize(self, kernel_attention: torch.Tensor) -> torch.Tensor:
-        """Same as ``forward`` without autograd, in the fewest passes over B x |W| floats.
+        """Same as ``forward`` without autograd, in the fewest passes over B x |W| floats; returns the matrices
+        (B, R, Cg*k) in scratch memory (valid until the next call) and keeps the group scales there for
+        :meth:`gradient`.
 
-        The modulated spectrum is written column-major (B, C, R) in scratch memory, so both 1-D inverse FFTs
-        run along contiguous rows: torch's irfft2 would copy the spectrum into that order and back. Returns a
-        fresh (B, R, Cg*k) tensor; the group scales stay in scratch memory for :meth:`gradient`.
+        The modulated spectrum is written column-major, (C, B, R), so the inverse FFT along R reads contiguous
+        rows, and both 1-D transforms run on slices of a few MB: their outputs (which torch allocates afresh)
+        stay in cache and below glibc's mmap threshold, and the transposition between the two transforms is
+        done slice by slice while the slice is in cache. torch's irfft2 would copy the whole spectrum into
+        that order and back and return a fresh, page-faulting tensor.
         """
         dtype = fft_dtype(self.spectrum.dtype)
         b, (rows, half) = kernel_attention.shape[0], self.group_of_bin.shape
-        scale = scratch('fdw.scale', (b, half, rows), kernel_attention.device, dtype)
+        device = kernel_attention.device
+        scale = scratch('fdw.scale', (b, half, rows), device, dtype)
         torch.gather(kernel_attention.to(dtype), 1, self._groups_by_column().expand(b, -1), out=scale.view(b, -1))
-        buffer = self._half_spectrum_buffer(b, dtype)
-        _scale_pairs(self.spectrum.to(dtype), scale, out=buffer)
-        columns = torch.fft.ifft(torch.view_as_complex(buffer), dim=-1)  # inverse along R: (B, C/2+1, R)
-        by_row = torch.view_as_complex(buffer).view(b, rows, half)
-        _copy_transposed(columns, by_row)
-        del columns
-        return torch.fft.irfft(by_row, n=self.cols, dim=-1)
+        spec = scratch('fdw.spectrum', (half, b, rows, 2), device, dtype)
+        _scale_pairs(self.spectrum.to(dtype).unsqueeze(1), scale.transpose(0, 1), out=spec)
+        spec = torch.view_as_complex(spec)
+        by_row = torch.view_as_complex(scratch('fdw.rows', (rows, b, half, 2), device, dtype))
+        step = _slice_size(half, b * rows * 8)
+        for start in range(0, half, step):  # inverse along R, slice of columns -> (R, B, slice)
+            columns = torch.fft.ifft(spec[start:start + step], dim=-1)
+            by_row[:, :, start:start + step].copy_(columns.permute(2, 1, 0))
+        matrix = scratch('fdw.matrix', (b, rows, self.cols), device, dtype)
+        step = _slice_size(rows, b * self.cols * 4)
+        for start in range(0, rows, step):  # inverse real FFT along C, slice of rows
+            part = torch.fft.irfft(by_row[start:start + step], n=self.cols, dim=-1)
+            matrix[:, start:start + step].copy_(part.transpose(0, 1))
+        return matrix
 
     def gradient_buffer(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
-        """Scratch (B, R, Cg*k) for the gradient of the synthesised matrices (shares the spectrum's memory)."""
-        return self._half_spectrum_buffer(batch_size, dtype).view(-1)[:batch_size * self.rows * self.cols].view(
-            batch_size, self.rows, self.cols)
+        """Scratch (B, R, Cg*k) for the gradient of the synthesised matrices (the modulated spectrum's memory,
+        free once :meth:`synthesize` has returned)."""
+        return scratch('fdw.spectrum', (batch_size, self.rows, self.cols), self.spectrum.device, dtype)
 
     @torch.no_grad()
     def gradient(self, grad_matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,28 +197,39 @@ class FourierDisjointWeight(nn.Module):
         spectrum (C, R, 2), gradient of the group attention (B, n)).
 
         The adjoint of irfft2 is rfft2 / (R * Cg*k) with the half-spectrum columns that stand for two bins
-        (all but DC and Nyquist) counted twice; ``grad_matrix`` may live in :meth:`gradient_buffer`.
+        (all but DC and Nyquist) counted twice. The transforms run on slices as in :meth:`synthesize`, and the
+        two reductions (per group for the attention, over the batch for the spectrum) consume each slice while
+        it is in cache. ``grad_matrix`` may live in :meth:`gradient_buffer`.
         """
-        dtype = grad_matrix.dtype
+        dtype, device = grad_matrix.dtype, grad_matrix.device
         b, (rows, half) = grad_matrix.shape[0], self.group_of_bin.shape
-        by_row = torch.fft.rfft(grad_matrix, dim=-1)  # (B, R, C/2+1)
-        buffer = self._half_spectrum_buffer(b, dtype)
-        _copy_transposed(by_row, torch.view_as_complex(buffer))
-        del by_row
-        grad_spec = torch.view_as_real(torch.fft.fft(torch.view_as_complex(buffer), dim=-1))  # (B, C/2+1, R, 2)
-        weight = torch.full((half, 1, 1), 2.0 / (rows * self.cols), device=grad_spec.device, dtype=dtype)
+        spec = torch.view_as_complex(scratch('fdw.rows', (half, b, rows, 2), device, dtype))
+        step = _slice_size(rows, b * self.cols * 4)
+        for start in range(0, rows, step):  # real FFT along C, slice of rows -> (C/2+1, B, slice)
+            part = torch.fft.rfft(grad_matrix[:, start:start + step], dim=-1)
+            spec[:, :, start:start + step].copy_(part.permute(2, 0, 1))
+        weight = torch.full((half, 1, 1), 2.0 / (rows * self.cols), device=device, dtype=dtype)
         weight[0] /= 2
         if self.cols % 2 == 0:
             weight[-1] /= 2
-        # d/d(scale of a bin) = <grad, spectrum> over real/imag, then summed per group
         weighted = self.spectrum.to(dtype) * weight
-        grad_scale = buffer.view(-1)[:b * half * rows].view(b, half, rows)
-        torch.mul(grad_spec[..., 0], weighted[..., 0], out=grad_scale).addcmul_(grad_spec[..., 1], weighted[..., 1])
-        grad_attention = torch.zeros(b, self.num_groups, device=grad_spec.device, dtype=dtype)
-        grad_attention.index_add_(1, self._groups_by_column(), grad_scale.view(b, -1))
-        scale = scratch('fdw.scale', (b, half, rows), grad_spec.device, dtype)
-        grad_spectrum = _scale_pairs(grad_spec, scale, out=buffer).sum(0).mul_(weight)
-        return grad_spectrum, grad_attention
+        scale = scratch('fdw.scale', (b, half, rows), device, dtype)
+        groups = self._groups_by_column().view(half, rows)
+        grad_attention = torch.zeros(b, self.num_groups, device=device, dtype=dtype)
+        grad_spectrum = torch.empty(half, rows, 2, device=device, dtype=dtype)
+        step = _slice_size(half, b * rows * 8)
+        for start in range(0, half, step):  # FFT along R, slice of columns -> (slice, B, R)
+            stop = min(start + step, half)
+            grad_spec = torch.view_as_real(torch.fft.fft(spec[start:stop], dim=-1))
+            # d/d(scale of a bin) = <grad, spectrum> over real/imag, summed per group
+            by_sample = grad_spec.transpose(0, 1)
+            grad_scale = torch.empty((b, stop - start, rows), device=device, dtype=dtype)
+            torch.mul(by_sample[..., 0], weighted[start:stop, :, 0], out=grad_scale)
+            grad_scale.addcmul_(by_sample[..., 1], weighted[start:stop, :, 1])
+            grad_attention.index_add_(1, groups[start:stop].reshape(-1), grad_scale.view(b, -1))
+            pairs = _scale_pairs(grad_spec, scale[:, start:stop].transpose(0, 1), out=torch.empty_like(grad_spec))
+            torch.sum(pairs, 1, out=grad_spectrum[start:stop])
+        return grad_spectrum.mul_(weight), grad_attention
 
     def extra_repr(self) -> str:
         return f"weight_shape={self.weight_shape}, num_groups={self.num_groups}"

@@ -157,8 +157,8 @@ class FourierDisjointWeight(nn.Module):
     @torch.no_grad()
     def synthesize(self, kernel_attention: torch.Tensor) -> torch.Tensor:
         """Same as ``forward`` without autograd, in the fewest passes over B x |W| floats; returns the matrices
-        (B, R, Cg*k) in scratch memory (valid until the next call) and keeps the group scales there for
-        :meth:`gradient`.
+        (B, R, Cg*k), fresh or (when sliced) in scratch memory valid until the next call, and keeps the group
+        scales in scratch memory for :meth:`gradient`.
 
         The modulated spectrum is written column-major, (C, B, R), so the inverse FFT along R reads contiguous
         rows, and both 1-D transforms run on slices of a few MB: their outputs (which torch allocates afresh)
@@ -174,16 +174,22 @@ class FourierDisjointWeight(nn.Module):
         spec = scratch('fdw.spectrum', (half, b, rows, 2), device, dtype)
         _scale_pairs(self.spectrum.to(dtype).unsqueeze(1), scale.transpose(0, 1), out=spec)
         spec = torch.view_as_complex(spec)
-        by_row = torch.view_as_complex(scratch('fdw.rows', (rows, b, half, 2), device, dtype))
+        row_step = _slice_size(rows, b * self.cols * 4)
+        if row_step == rows:  # one transform along C: rows in (B, R) order, its output is the result
+            by_row = torch.view_as_complex(scratch('fdw.rows', (b, rows, half, 2), device, dtype))
+            rows_first = by_row.transpose(0, 1)
+        else:  # slices of rows must be contiguous: (R, B) order
+            by_row = rows_first = torch.view_as_complex(scratch('fdw.rows', (rows, b, half, 2), device, dtype))
         step = _slice_size(half, b * rows * 8)
         for start in range(0, half, step):  # inverse along R, slice of columns -> (R, B, slice)
             columns = torch.fft.ifft(spec[start:start + step], dim=-1)
-            by_row[:, :, start:start + step].copy_(columns.permute(2, 1, 0))
+            rows_first[:, :, start:start + step].copy_(columns.permute(2, 1, 0))
+        if row_step == rows:
+            return torch.fft.irfft(by_row, n=self.cols, dim=-1)
         matrix = scratch('fdw.matrix', (b, rows, self.cols), device, dtype)
-        step = _slice_size(rows, b * self.cols * 4)
-        for start in range(0, rows, step):  # inverse real FFT along C, slice of rows
-            part = torch.fft.irfft(by_row[start:start + step], n=self.cols, dim=-1)
-            matrix[:, start:start + step].copy_(part.transpose(0, 1))
+        for start in range(0, rows, row_step):  # inverse real FFT along C, slice of rows
+            part = torch.fft.irfft(by_row[start:start + row_step], n=self.cols, dim=-1)
+            matrix[:, start:start + row_step].copy_(part.transpose(0, 1))
         return matrix
 
     def gradient_buffer(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:

@@ -145,8 +145,9 @@ class _FrequencyDynamicLayer(nn.Module):
     @torch.no_grad()
     def _fast_product(
             self, kernel_att: torch.Tensor, windows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """groups = 1, no autograd: P = M * sigmoid(L) in FDW's weight-matrix layout (B, Cout*k, Cin*k), fresh,
-        and sigmoid(L) (scratch, None without the local branch), in the fewest passes over B x |W| floats.
+        """groups = 1, no autograd: P = M * sigmoid(L) in FDW's weight-matrix layout (B, Cout*k, Cin*k) (fresh,
+        or scratch memory when the FFT ran on slices) and sigmoid(L) (scratch, None without the local branch),
+        in the fewest passes over B x |W| floats.
 
         The layout is the one the inverse FFT writes, so the products are contiguous and vectorise. The spatial
         attention and the local att_multi are applied later, where they are cheapest (see ``_apply_product``).

@@ -15,8 +15,8 @@ SUITE = Path(__file__).resolve().parent.parent / '.timm-tests' / f'timm-{timm.__
 
 # test -> why it cannot apply to FDConv models
 DESELECT = {
-    'test_model_forward_torchscript': 'TorchScript cannot compile the per-size FBM mask cache and the activation '
-                                      'checkpointing of training; torch.compile is supported and tested instead',
+    'test_model_forward_torchscript': 'TorchScript cannot compile the per-size FBM basis cache and the custom '
+                                      'autograd function of training; torch.compile is supported and tested instead',
 }
 # timm's CI leaves this unmarked test out (it prunes every model at every index); the smallest model of each
 # family runs it, the larger ones share its code paths

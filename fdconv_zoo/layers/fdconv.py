@@ -221,9 +221,14 @@ class _FrequencyDynamicLayer(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def _finish(self, y: torch.Tensor, filter_att: torch.Tensor | None) -> torch.Tensor:
+    def _channel_shape(self, y: torch.Tensor) -> list[int]:
+        """Shape that broadcasts a (B, Cout) attention over an output like ``y``."""
         shape = [1] * y.ndim
         shape[0], shape[self._channel_dim] = y.shape[0], self.out_channels
+        return shape
+
+    def _finish(self, y: torch.Tensor, filter_att: torch.Tensor | None) -> torch.Tensor:
+        shape = self._channel_shape(y)
         bias = self.bias.view(shape[1:]).to(y.dtype) if self.bias is not None else None
         if not torch.is_grad_enabled():  # in place on the fresh output, one pass
             if filter_att is not None and bias is not None:
@@ -279,16 +284,10 @@ def _safe_divide(numerator: torch.Tensor, attention: torch.Tensor) -> torch.Tens
     return numerator / attention.clamp_min(torch.finfo(attention.dtype).tiny)
 
 
-class _SynthesisGradient(torch.autograd.Function):
-    """groups = 1 training: forward on the no-autograd fast path keeping only the input; backward rebuilds the
-    kernels the same way and differentiates the B x |W| part (kernel products, FFTs) by hand in scratch
-    memory. Autograd handles only what is activation- or vector-sized: FBM, channel input, KSM heads."""
-
-    @staticmethod
-    def forward(ctx, layer: _FrequencyDynamicLayer, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        ctx.layer = layer
-        ctx.save_for_backward(x)
-        return layer._dynamic_forward(x)
+class _SynthesisGradient(_RecomputeInBackward):
+    """groups = 1 training: the same forward (fast path, only the input kept); backward rebuilds the kernels
+    the same way and differentiates the B x |W| part (kernel products, FFTs) by hand in scratch memory.
+    Autograd handles only what is activation- or vector-sized: FBM, channel input, KSM heads."""
 
     @staticmethod
     @once_differentiable
@@ -304,9 +303,7 @@ class _SynthesisGradient(torch.autograd.Function):
         by_hand = {'fdw.spectrum', 'ksm_local.conv.weight', 'bias'}
         with torch.enable_grad():
             xg = x.detach().requires_grad_(needs[0])
-            pooled = layer._pool(xg).to(layer.ksm_global.fc.weight.dtype)
-            att = layer.ksm_global(pooled)
-            windows = layer.ksm_local.windows(pooled) if layer.ksm_local is not None else None
+            att, windows = layer._attention(layer._pool(xg))
             att = layer._fold_local_scale(att)
             inp = layer._kernel_input(xg, att.channel)
         grads: dict[str, torch.Tensor] = {}
@@ -317,9 +314,7 @@ class _SynthesisGradient(torch.autograd.Function):
             product, local = layer._fast_product(att.kernel.detach(), windows.detach() if windows is not None else None)
             grad_z = grad_out
             if att.filter is not None:
-                shape = [1] * grad_out.ndim
-                shape[0], shape[layer._channel_dim] = b, layer.out_channels
-                grad_z = grad_out * att.filter.detach().view(shape).to(grad_out.dtype)
+                grad_z = grad_out * att.filter.detach().view(layer._channel_shape(grad_out)).to(grad_out.dtype)
             if layer.bias is not None:
                 dims = [d for d in range(grad_out.ndim) if d != layer._channel_dim]
                 grads['bias'] = grad_out.sum(dims).to(layer.bias.dtype)

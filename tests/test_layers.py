@@ -137,8 +137,24 @@ def test_gradcheck_float64():
 ], ids=['3x3', '1x1-stride', 'odd-no-local', 'same-even-k', 'reflect', 'small-map', 'padded-1x1', 'linear'])
 def test_hand_written_gradient_matches_autograd(make):
     """The training path (fast forward, gradient of the kernel synthesis by hand) against plain autograd."""
+    _check_against_autograd(make())
+
+
+@pytest.mark.parametrize('make', [
+    lambda: FDConv2d(24, 40, 3, padding=1, num_freq_groups=16),
+    lambda: FDConv2d(32, 48, 1, stride=2, num_freq_groups=7),
+    lambda: FDConv2d(16, 112, 3, stride=2, padding=1, num_freq_groups=8),
+], ids=['3x3', '1x1-stride', 'small-map'])
+def test_sliced_layer_matches_autograd(monkeypatch, make):
+    """The same with FDW's transforms forced onto slices of a few hundred bytes (uneven ones included), so that
+    the local modulation is taken slice by slice as in large layers."""
+    monkeypatch.setattr(fdw_module, 'WHOLE_TRANSFORM_BYTES', 0)
+    monkeypatch.setattr(fdw_module, 'SLICE_BYTES', 700)
+    _check_against_autograd(make())
+
+
+def _check_against_autograd(fast: nn.Module) -> None:
     torch.manual_seed(7)
-    fast = make()
     randomize_(fast, scale=0.2)
     plain = copy.deepcopy(fast)
     plain.recompute = False

@@ -152,13 +152,12 @@ class _FrequencyDynamicLayer(nn.Module):
         The layout is the one the inverse FFT writes, so the products are contiguous and vectorise. The spatial
         attention and the local att_multi are applied later, where they are cheapest (see ``_apply_product``).
         """
-        product = self.fdw.synthesize(kernel_att)
         local = None
-        if self.ksm_local is not None:
-            local = scratch('ksm.local', product.shape, product.device, product.dtype)
+        if self.ksm_local is not None:  # sigmoid(L) first, so that FDW multiplies M by it as it makes it
+            b, dtype = kernel_att.shape[0], fft_dtype(self.fdw.spectrum.dtype)
+            local = scratch('ksm.local', (b, self.fdw.rows, self.fdw.cols), kernel_att.device, dtype)
             self.ksm_local.matrix_logits(windows, out=local).sigmoid_()
-            product.mul_(local)
-        return product, local
+        return self.fdw.synthesize(kernel_att, local), local
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """The KSM statistics: per-sample mean of the input (B, Cin), in the FFT dtype."""

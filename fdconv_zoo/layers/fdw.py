@@ -155,10 +155,11 @@ class FourierDisjointWeight(nn.Module):
         return self._by_column
 
     @torch.no_grad()
-    def synthesize(self, kernel_attention: torch.Tensor) -> torch.Tensor:
+    def synthesize(self, kernel_attention: torch.Tensor, modulation: torch.Tensor | None = None) -> torch.Tensor:
         """Same as ``forward`` without autograd, in the fewest passes over B x |W| floats; returns the matrices
-        (B, R, Cg*k), fresh or (when sliced) in scratch memory valid until the next call, and keeps the group
-        scales in scratch memory for :meth:`gradient`.
+        (B, R, Cg*k), times ``modulation`` (same shape) if given, fresh or (when sliced) in scratch memory valid
+        until the next call, and keeps the group scales in scratch memory for :meth:`gradient`. The product
+        with ``modulation`` costs no extra pass: it is taken while each slice is in cache.
 
         The modulated spectrum is written column-major, (C, B, R), so the inverse FFT along R reads contiguous
         rows, and both 1-D transforms run on slices of a few MB: their outputs (which torch allocates afresh)
@@ -185,11 +186,15 @@ class FourierDisjointWeight(nn.Module):
             columns = torch.fft.ifft(spec[start:start + step], dim=-1)
             rows_first[:, :, start:start + step].copy_(columns.permute(2, 1, 0))
         if row_step == rows:
-            return torch.fft.irfft(by_row, n=self.cols, dim=-1)
+            matrix = torch.fft.irfft(by_row, n=self.cols, dim=-1)
+            return matrix if modulation is None else matrix.mul_(modulation)
         matrix = scratch('fdw.matrix', (b, rows, self.cols), device, dtype)
         for start in range(0, rows, row_step):  # inverse real FFT along C, slice of rows
-            part = torch.fft.irfft(by_row[start:start + row_step], n=self.cols, dim=-1)
-            matrix[:, start:start + row_step].copy_(part.transpose(0, 1))
+            part = torch.fft.irfft(by_row[start:start + row_step], n=self.cols, dim=-1).transpose(0, 1)
+            if modulation is None:
+                matrix[:, start:start + row_step].copy_(part)
+            else:
+                torch.mul(part, modulation[:, start:start + row_step], out=matrix[:, start:start + row_step])
         return matrix
 
     def gradient_buffer(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:

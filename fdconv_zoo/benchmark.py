@@ -202,6 +202,10 @@ class BenchResult:
     fdconv_ms: float
     dense_peak_mb: float | None = None
     fdconv_peak_mb: float | None = None
+    # quartiles of the per-repeat ratios (each FDConv run over the dense run just before it): the noise of
+    # a shared machine, which slows both runs of a pair alike
+    ratio_q1: float | None = None
+    ratio_q3: float | None = None
 
     @property
     def time_ratio(self) -> float:
@@ -223,7 +227,8 @@ class BenchResult:
 
 def compare(fd_name: str, mode: str, batch_size: int, img_size: int, repeats: int = 5, warmup: int = 1,
             device: str | torch.device = 'cpu', amp: bool = False) -> BenchResult:
-    """Dense timm model vs its FDConv version in this process, repeats interleaved, medians reported."""
+    """Dense timm model vs its FDConv version in this process, repeats interleaved, medians reported (and the
+    quartiles of the per-repeat ratios)."""
     import timm
     device = torch.device(device)
     torch.manual_seed(0)
@@ -250,8 +255,10 @@ def compare(fd_name: str, mode: str, batch_size: int, img_size: int, repeats: in
                     t = train_step(m, optimizers[key], x, target, amp)
             if i >= warmup:
                 times[key].append(t * 1e3)
+    paired = [f / d for d, f in zip(times['dense'], times['fdconv'], strict=True)]
+    q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else (None, None, None)
     return BenchResult(fd_name, mode, batch_size, img_size, statistics.median(times['dense']),
-                       statistics.median(times['fdconv']), peaks.get('dense'), peaks.get('fdconv'))
+                       statistics.median(times['fdconv']), peaks.get('dense'), peaks.get('fdconv'), q1, q3)
 
 
 PARTS = ('fdconv.ksm', 'fdconv.synthesis', 'fdconv.fbm', 'fdconv.conv')

@@ -100,6 +100,8 @@ def bench(args: argparse.Namespace) -> int:
 def _bench_line(r) -> str:
     line = (f"{r.model:38s} {r.mode:5s} batch {r.batch_size:3d} @{r.img_size}: dense {r.dense_ms:8.1f} ms, "
             f"FDConv {r.fdconv_ms:8.1f} ms, ratio {r.time_ratio:5.2f}x")
+    if r.ratio_q1 is not None:
+        line += f" ({r.ratio_q1:.2f}-{r.ratio_q3:.2f})"
     if r.memory_ratio is not None:
         line += (f" | peak memory dense {r.dense_peak_mb:7.0f} MB, FDConv {r.fdconv_peak_mb:7.0f} MB, "
                  f"ratio {r.memory_ratio:4.2f}x")

@@ -26,10 +26,11 @@ def test_list_names_every_architecture_and_tag(capsys):
 def test_bench_writes_measured_ratios(tmp_path, capsys):
     out = tmp_path / 'bench.json'
     assert cli(['bench', '--models', 'resnet18_fdconv', '--batch-sizes', '1', '--img-size', '64',
-                '--train-batch-size', '2', '--train-img-size', '64', '--repeats', '1', '--out', str(out)]) == 0
+                '--train-batch-size', '2', '--train-img-size', '64', '--repeats', '3', '--out', str(out)]) == 0
     rows = json.loads(out.read_text())['rows']
     assert [(r['mode'], r['batch_size']) for r in rows] == [('eval', 1), ('train', 2)]
     for r in rows:
         assert r['dense_ms'] > 0 and r['fdconv_ms'] > 0 and r['time_ratio'] == r['fdconv_ms'] / r['dense_ms']
+        assert 0 < r['ratio_q1'] <= r['ratio_q3']  # spread of the per-repeat ratios
     assert rows[1]['fdconv_peak_mb'] > 0 and rows[1]['dense_peak_mb'] > 0
     assert 'ratio' in capsys.readouterr().out

@@ -154,6 +154,12 @@ class FourierDisjointWeight(nn.Module):
             self._by_column_key = key
         return self._by_column
 
+    def _slice_steps(self, batch_size: int) -> tuple[int, int]:
+        """Rows per slice of the transforms along C and columns per slice of those along R (``_slice_size``),
+        the same for the synthesis and its adjoint."""
+        rows, half = self.group_of_bin.shape
+        return _slice_size(rows, batch_size * self.cols * 4), _slice_size(half, batch_size * rows * 8)
+
     @torch.no_grad()
     def synthesize(self, kernel_attention: torch.Tensor, modulation: torch.Tensor | None = None) -> torch.Tensor:
         """Same as ``forward`` without autograd, in the fewest passes over B x |W| floats; returns the matrices
@@ -175,16 +181,15 @@ class FourierDisjointWeight(nn.Module):
         spec = scratch('fdw.spectrum', (half, b, rows, 2), device, dtype)
         _scale_pairs(self.spectrum.to(dtype).unsqueeze(1), scale.transpose(0, 1), out=spec)
         spec = torch.view_as_complex(spec)
-        row_step = _slice_size(rows, b * self.cols * 4)
+        row_step, column_step = self._slice_steps(b)
         if row_step == rows:  # one transform along C: rows in (B, R) order, its output is the result
             by_row = torch.view_as_complex(scratch('fdw.rows', (b, rows, half, 2), device, dtype))
             rows_first = by_row.transpose(0, 1)
         else:  # slices of rows must be contiguous: (R, B) order
             by_row = rows_first = torch.view_as_complex(scratch('fdw.rows', (rows, b, half, 2), device, dtype))
-        step = _slice_size(half, b * rows * 8)
-        for start in range(0, half, step):  # inverse along R, slice of columns -> (R, B, slice)
-            columns = torch.fft.ifft(spec[start:start + step], dim=-1)
-            rows_first[:, :, start:start + step].copy_(columns.permute(2, 1, 0))
+        for start in range(0, half, column_step):  # inverse along R, slice of columns -> (R, B, slice)
+            columns = torch.fft.ifft(spec[start:start + column_step], dim=-1)
+            rows_first[:, :, start:start + column_step].copy_(columns.permute(2, 1, 0))
         if row_step == rows:
             matrix = torch.fft.irfft(by_row, n=self.cols, dim=-1)
             return matrix if modulation is None else matrix.mul_(modulation)
@@ -215,10 +220,10 @@ class FourierDisjointWeight(nn.Module):
         dtype, device = grad_matrix.dtype, grad_matrix.device
         b, (rows, half) = grad_matrix.shape[0], self.group_of_bin.shape
         spec = torch.view_as_complex(scratch('fdw.rows', (half, b, rows, 2), device, dtype))
-        step = _slice_size(rows, b * self.cols * 4)
-        for start in range(0, rows, step):  # real FFT along C, slice of rows -> (C/2+1, B, slice)
-            part = torch.fft.rfft(grad_matrix[:, start:start + step], dim=-1)
-            spec[:, :, start:start + step].copy_(part.permute(2, 0, 1))
+        row_step, column_step = self._slice_steps(b)
+        for start in range(0, rows, row_step):  # real FFT along C, slice of rows -> (C/2+1, B, slice)
+            part = torch.fft.rfft(grad_matrix[:, start:start + row_step], dim=-1)
+            spec[:, :, start:start + row_step].copy_(part.permute(2, 0, 1))
         weight = torch.full((half, 1, 1), 2.0 / (rows * self.cols), device=device, dtype=dtype)
         weight[0] /= 2
         if self.cols % 2 == 0:
@@ -228,9 +233,8 @@ class FourierDisjointWeight(nn.Module):
         groups = self._groups_by_column().view(half, rows)
         grad_attention = torch.zeros(b, self.num_groups, device=device, dtype=dtype)
         grad_spectrum = torch.empty(half, rows, 2, device=device, dtype=dtype)
-        step = _slice_size(half, b * rows * 8)
-        for start in range(0, half, step):  # FFT along R, slice of columns -> (slice, B, R)
-            stop = min(start + step, half)
+        for start in range(0, half, column_step):  # FFT along R, slice of columns -> (slice, B, R)
+            stop = min(start + column_step, half)
             grad_spec = torch.view_as_real(torch.fft.fft(spec[start:stop], dim=-1))
             # d/d(scale of a bin) = <grad, spectrum> over real/imag, summed per group
             by_sample = grad_spec.transpose(0, 1)

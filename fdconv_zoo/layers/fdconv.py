@@ -144,20 +144,25 @@ class _FrequencyDynamicLayer(nn.Module):
 
     @torch.no_grad()
     def _fast_product(
-            self, kernel_att: torch.Tensor, windows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            self,
+            kernel_att: torch.Tensor,
+            windows: torch.Tensor | None,
+            keep_local: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """groups = 1, no autograd: P = M * sigmoid(L) in FDW's weight-matrix layout (B, Cout*k, Cin*k) (fresh,
-        or scratch memory when the FFT ran on slices) and sigmoid(L) (scratch, None without the local branch),
-        in the fewest passes over B x |W| floats.
+        or scratch memory when the FFT ran on slices), in the fewest passes over B x |W| floats, and, if
+        ``keep_local`` (for the backward), sigmoid(L) in scratch memory (None without the local branch).
 
         The layout is the one the inverse FFT writes, so the products are contiguous and vectorise. The spatial
         attention and the local att_multi are applied later, where they are cheapest (see ``_apply_product``).
         """
-        local = None
-        if self.ksm_local is not None:  # sigmoid(L) first, so that FDW multiplies M by it as it makes it
+        local = modulate = None
+        if self.ksm_local is not None:  # FDW multiplies each slice of M by sigmoid(L) as it makes it
             b, dtype = kernel_att.shape[0], fft_dtype(self.fdw.spectrum.dtype)
-            local = scratch('ksm.local', (b, self.fdw.rows, self.fdw.cols), kernel_att.device, dtype)
-            self.ksm_local.matrix_logits(windows, out=local).sigmoid_()
-        return self.fdw.synthesize(kernel_att, local), local
+            if keep_local:
+                local = scratch('ksm.local', (b, self.fdw.rows, self.fdw.cols), kernel_att.device, dtype)
+            modulate = self.ksm_local.modulation(windows, dtype, local)
+        return self.fdw.synthesize(kernel_att, modulate), local
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """The KSM statistics: per-sample mean of the input (B, Cin), in the FFT dtype."""
@@ -310,7 +315,9 @@ class _SynthesisGradient(_RecomputeInBackward):
         with torch.no_grad():
             k, b = layer.fdw.kernel_size, x.shape[0]
             spatial = att.spatial.detach() if att.spatial is not None else None
-            product, local = layer._fast_product(att.kernel.detach(), windows.detach() if windows is not None else None)
+            kernel_att = att.kernel.detach()
+            product, local = layer._fast_product(
+                kernel_att, windows.detach() if windows is not None else None, keep_local=True)
             grad_z = grad_out
             if att.filter is not None:
                 grad_z = grad_out * att.filter.detach().view(layer._channel_shape(grad_out)).to(grad_out.dtype)
@@ -338,7 +345,7 @@ class _SynthesisGradient(_RecomputeInBackward):
                 grads['ksm_local.conv.weight'] = grad_taps.to(layer.ksm_local.conv.weight.dtype)
                 outputs.append(windows)
                 output_grads.append(grad_windows.to(windows.dtype))
-            grad_spectrum, grad_kernel_att = layer.fdw.gradient(grad_m)
+            grad_spectrum, grad_kernel_att = layer.fdw.gradient(grad_m, kernel_att)
             grads['fdw.spectrum'] = grad_spectrum.to(layer.fdw.spectrum.dtype)
             outputs.append(att.kernel)
             output_grads.append(grad_kernel_att.to(att.kernel.dtype))

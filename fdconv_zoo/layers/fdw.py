@@ -6,10 +6,16 @@ inverse FFT gives the per-sample kernel. With every attention value equal to 1 t
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 
+from . import native
 from .workspace import scratch
+
+# modulate(part, out, first_row): out = part * modulation, for the rows of the weight matrix that start at first_row
+Modulation = Callable[[torch.Tensor, torch.Tensor, int], None]
 
 
 def fft_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -76,6 +82,14 @@ def _scale_pairs(pairs: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) ->
     for part in range(2):
         torch.mul(pairs[..., part], scale, out=out[..., part])
     return out
+
+
+def _transpose(src: torch.Tensor, dst: torch.Tensor, fused: bool) -> None:
+    """dst[b, j, i] = src[b, i, j] for complex (B, I, J) -> (B, J, I), blocked by ``native`` if ``fused``."""
+    if fused:
+        native.transpose(src, dst)
+    else:
+        dst.copy_(src.transpose(1, 2))
 
 
 class FourierDisjointWeight(nn.Module):
@@ -147,10 +161,16 @@ class FourierDisjointWeight(nn.Module):
 
     def _groups_by_column(self) -> torch.Tensor:
         """``group_of_bin`` in column-major (C, R) order, flattened; cached until the buffer changes."""
+        return self._column_major_groups()[0]
+
+    def _column_major_groups(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``group_of_bin`` in column-major order: flat int64 (C*R) for torch, contiguous int32 (C, R) for the
+        fused loops; cached until the buffer changes."""
         group = self.group_of_bin
         key = (group.data_ptr(), group._version, group.device)
         if getattr(self, '_by_column_key', None) != key:
-            self._by_column = group.t().reshape(-1)
+            by_column = group.t().contiguous()
+            self._by_column = by_column.view(-1), by_column.to(torch.int32)
             self._by_column_key = key
         return self._by_column
 
@@ -161,25 +181,31 @@ class FourierDisjointWeight(nn.Module):
         return _slice_size(rows, batch_size * self.cols * 4), _slice_size(half, batch_size * rows * 8)
 
     @torch.no_grad()
-    def synthesize(self, kernel_attention: torch.Tensor, modulation: torch.Tensor | None = None) -> torch.Tensor:
+    def synthesize(self, kernel_attention: torch.Tensor, modulate: Modulation | None = None) -> torch.Tensor:
         """Same as ``forward`` without autograd, in the fewest passes over B x |W| floats; returns the matrices
-        (B, R, Cg*k), times ``modulation`` (same shape) if given, fresh or (when sliced) in scratch memory valid
-        until the next call, and keeps the group scales in scratch memory for :meth:`gradient`. The product
-        with ``modulation`` costs no extra pass: it is taken while each slice is in cache.
+        (B, R, Cg*k), times the modulation that ``modulate`` applies if given, fresh or (when sliced) in scratch
+        memory valid until the next call. ``modulate`` sees each slice of rows while it is in cache, so the
+        product costs no extra pass. Call :meth:`gradient` right after it for the adjoint.
 
         The modulated spectrum is written column-major, (C, B, R), so the inverse FFT along R reads contiguous
         rows, and both 1-D transforms run on slices of a few MB: their outputs (which torch allocates afresh)
         stay in cache and below glibc's mmap threshold, and the transposition between the two transforms is
         done slice by slice while the slice is in cache. torch's irfft2 would copy the whole spectrum into
-        that order and back and return a fresh, page-faulting tensor.
+        that order and back and return a fresh, page-faulting tensor. float32 on the CPU uses the fused loops
+        of ``native`` for the group scaling and the transposition.
         """
         dtype = fft_dtype(self.spectrum.dtype)
         b, (rows, half) = kernel_attention.shape[0], self.group_of_bin.shape
         device = kernel_attention.device
-        scale = scratch('fdw.scale', (b, half, rows), device, dtype)
-        torch.gather(kernel_attention.to(dtype), 1, self._groups_by_column().expand(b, -1), out=scale.view(b, -1))
+        spectrum, attention = self.spectrum.to(dtype), kernel_attention.to(dtype).contiguous()
         spec = scratch('fdw.spectrum', (half, b, rows, 2), device, dtype)
-        _scale_pairs(self.spectrum.to(dtype).unsqueeze(1), scale.transpose(0, 1), out=spec)
+        fused = native.usable(spectrum, attention)
+        if fused:
+            native.scale_spectrum(spectrum, self._column_major_groups()[1], attention, spec)
+        else:  # the per-bin scales stay in scratch memory for gradient()
+            scale = scratch('fdw.scale', (b, half, rows), device, dtype)
+            torch.gather(attention, 1, self._groups_by_column().expand(b, -1), out=scale.view(b, -1))
+            _scale_pairs(spectrum.unsqueeze(1), scale.transpose(0, 1), out=spec)
         spec = torch.view_as_complex(spec)
         row_step, column_step = self._slice_steps(b)
         if row_step == rows:  # one transform along C: rows in (B, R) order, its output is the result
@@ -189,17 +215,19 @@ class FourierDisjointWeight(nn.Module):
             by_row = rows_first = torch.view_as_complex(scratch('fdw.rows', (rows, b, half, 2), device, dtype))
         for start in range(0, half, column_step):  # inverse along R, slice of columns -> (R, B, slice)
             columns = torch.fft.ifft(spec[start:start + column_step], dim=-1)
-            rows_first[:, :, start:start + column_step].copy_(columns.permute(2, 1, 0))
+            _transpose(columns.transpose(0, 1), rows_first[:, :, start:start + column_step].transpose(0, 1), fused)
         if row_step == rows:
             matrix = torch.fft.irfft(by_row, n=self.cols, dim=-1)
-            return matrix if modulation is None else matrix.mul_(modulation)
+            if modulate is not None:
+                modulate(matrix, matrix, 0)
+            return matrix
         matrix = scratch('fdw.matrix', (b, rows, self.cols), device, dtype)
         for start in range(0, rows, row_step):  # inverse real FFT along C, slice of rows
             part = torch.fft.irfft(by_row[start:start + row_step], n=self.cols, dim=-1).transpose(0, 1)
-            if modulation is None:
+            if modulate is None:
                 matrix[:, start:start + row_step].copy_(part)
             else:
-                torch.mul(part, modulation[:, start:start + row_step], out=matrix[:, start:start + row_step])
+                modulate(part, matrix[:, start:start + row_step], start)
         return matrix
 
     def gradient_buffer(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -208,9 +236,9 @@ class FourierDisjointWeight(nn.Module):
         return scratch('fdw.spectrum', (batch_size, self.rows, self.cols), self.spectrum.device, dtype)
 
     @torch.no_grad()
-    def gradient(self, grad_matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adjoint of :meth:`synthesize` (right after it): gradient of the matrices -> (gradient of the
-        spectrum (C, R, 2), gradient of the group attention (B, n)).
+    def gradient(self, grad_matrix: torch.Tensor, kernel_attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adjoint of :meth:`synthesize` (right after it): gradient of the matrices and the attention (B, n) it
+        was given -> (gradient of the spectrum (C, R, 2), gradient of the group attention (B, n)).
 
         The adjoint of irfft2 is rfft2 / (R * Cg*k) with the half-spectrum columns that stand for two bins
         (all but DC and Nyquist) counted twice. The transforms run on slices as in :meth:`synthesize`, and the
@@ -219,23 +247,31 @@ class FourierDisjointWeight(nn.Module):
         """
         dtype, device = grad_matrix.dtype, grad_matrix.device
         b, (rows, half) = grad_matrix.shape[0], self.group_of_bin.shape
+        spectrum, attention = self.spectrum.to(dtype), kernel_attention.to(dtype).contiguous()
+        fused = native.usable(grad_matrix, spectrum, attention)
         spec = torch.view_as_complex(scratch('fdw.rows', (half, b, rows, 2), device, dtype))
         row_step, column_step = self._slice_steps(b)
         for start in range(0, rows, row_step):  # real FFT along C, slice of rows -> (C/2+1, B, slice)
             part = torch.fft.rfft(grad_matrix[:, start:start + row_step], dim=-1)
-            spec[:, :, start:start + row_step].copy_(part.permute(2, 0, 1))
-        weight = torch.full((half, 1, 1), 2.0 / (rows * self.cols), device=device, dtype=dtype)
+            _transpose(part, spec[:, :, start:start + row_step].permute(1, 0, 2), fused)
+        weight = torch.full((half,), 2.0 / (rows * self.cols), device=device, dtype=dtype)
         weight[0] /= 2
         if self.cols % 2 == 0:
             weight[-1] /= 2
-        weighted = self.spectrum.to(dtype) * weight
-        scale = scratch('fdw.scale', (b, half, rows), device, dtype)
-        groups = self._groups_by_column().view(half, rows)
         grad_attention = torch.zeros(b, self.num_groups, device=device, dtype=dtype)
         grad_spectrum = torch.empty(half, rows, 2, device=device, dtype=dtype)
+        groups, groups32 = self._column_major_groups()
+        if not fused:
+            groups = groups.view(half, rows)
+            weighted = spectrum * weight[:, None, None]
+            scale = torch.gather(attention, 1, groups.view(1, -1).expand(b, -1)).view(b, half, rows)
         for start in range(0, half, column_step):  # FFT along R, slice of columns -> (slice, B, R)
             stop = min(start + column_step, half)
             grad_spec = torch.view_as_real(torch.fft.fft(spec[start:stop], dim=-1))
+            if fused:
+                native.spectrum_adjoint(grad_spec, spectrum[start:stop], groups32[start:stop], weight[start:stop],
+                                        attention, grad_spectrum[start:stop], grad_attention)
+                continue
             # d/d(scale of a bin) = <grad, spectrum> over real/imag, summed per group
             by_sample = grad_spec.transpose(0, 1)
             grad_scale = torch.empty((b, stop - start, rows), device=device, dtype=dtype)
@@ -243,8 +279,8 @@ class FourierDisjointWeight(nn.Module):
             grad_scale.addcmul_(by_sample[..., 1], weighted[start:stop, :, 1])
             grad_attention.index_add_(1, groups[start:stop].reshape(-1), grad_scale.view(b, -1))
             pairs = _scale_pairs(grad_spec, scale[:, start:stop].transpose(0, 1), out=torch.empty_like(grad_spec))
-            torch.sum(pairs, 1, out=grad_spectrum[start:stop])
-        return grad_spectrum.mul_(weight), grad_attention
+            torch.sum(pairs, 1, out=grad_spectrum[start:stop]).mul_(weight[start:stop, None, None])
+        return grad_spectrum, grad_attention
 
     def extra_repr(self) -> str:
         return f"weight_shape={self.weight_shape}, num_groups={self.num_groups}"

@@ -14,6 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.metaformer import StarReLU
 
+from . import native
+from .fdw import Modulation
+from .workspace import scratch
+
 
 def _identity_logit(att_multi: float, temperature: float) -> float:
     """The pre-activation z with att_multi * sigmoid(z / temperature) == 1 (0 for the paper's att_multi=2)."""
@@ -162,6 +166,27 @@ class KSMLocal(nn.Module):
         taps = self.expanded_taps().to(out.dtype)
         windows = self.expanded_windows(windows.to(out.dtype))
         return torch.bmm(taps.expand(windows.shape[0], -1, -1), windows.transpose(1, 2), out=out)
+
+    def modulation(self, windows: torch.Tensor, dtype: torch.dtype, sigmoid_out: torch.Tensor | None) -> Modulation:
+        """groups = 1: the product with sigmoid(L) in FDW's weight-matrix layout, for ``FDW.synthesize`` to apply
+        slice by slice; sigmoid(L) also goes to ``sigmoid_out`` (B, Cout*k, Cin*k) if given. In float32 on the
+        CPU the fused loop makes the logits on the fly (no B x |W| logits tensor, one pass); otherwise
+        sigmoid(L) is made first, in ``sigmoid_out`` or scratch memory."""
+        taps = self.conv.weight.detach().to(dtype).view(-1, self.conv_size)
+        windows = windows.to(dtype).contiguous()
+        k, rows, cols = self.kernel_size, self.out_channels * self.kernel_size, self.in_channels * self.kernel_size
+        if native.usable(taps, windows):
+            def fused(part: torch.Tensor, out: torch.Tensor, first_row: int) -> None:
+                sig = None if sigmoid_out is None else sigmoid_out[:, first_row:first_row + part.shape[1]]
+                native.local_modulation(part, out, sig, taps, windows, k, first_row)
+            return fused
+        if sigmoid_out is None:
+            sigmoid_out = scratch('ksm.local', (windows.shape[0], rows, cols), windows.device, dtype)
+        self.matrix_logits(windows, out=sigmoid_out).sigmoid_()
+
+        def product(part: torch.Tensor, out: torch.Tensor, first_row: int) -> None:
+            torch.mul(part, sigmoid_out[:, first_row:first_row + part.shape[1]], out=out)
+        return product
 
     def matrix_logits_backward(
             self, grad: torch.Tensor, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

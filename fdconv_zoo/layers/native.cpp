@@ -1,0 +1,211 @@
+/* Fused CPU loops for FDConv's kernel synthesis (float32, contiguous memory, OpenMP threads).
+ *
+ * Each function replaces several PyTorch operations that would each make a pass over B x |W| values:
+ * the per-group scaling of the spectrum (a gather and two strided products), the transposition between the
+ * two 1-D inverse FFTs (a strided copy), and the local modulation (a batched product for the logits, a
+ * sigmoid and a product). Built and loaded by native.py; the PyTorch code in fdw.py / fdconv.py computes the
+ * same values and is used where this library is not available.
+ */
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#define LANES 16
+
+extern "C" {
+
+/* 16 floats / int32s as one value: gcc and clang map the arithmetic onto whatever SIMD the CPU has. */
+typedef float vfloat __attribute__((vector_size(4 * LANES), aligned(4)));
+typedef int32_t vint __attribute__((vector_size(4 * LANES), aligned(4)));
+
+static inline vfloat splat(float x) { return vfloat{} + x; }
+
+/* sigmoid(x) = 1 / (1 + e^-x) with e^y = 2^n * p(y - n ln2), n = round(y / ln2), p the degree-6 Taylor
+ * polynomial (relative error < 2e-7 on |y - n ln2| <= ln2 / 2); y is clamped to [-88, 88] where float e^y is
+ * finite, which saturates the sigmoid at 0 and 1 as it should. */
+static inline vfloat vsigmoid(vfloat x) {
+    vfloat y = -x;
+    y = y < -88.0f ? splat(-88.0f) : y;
+    y = y > 88.0f ? splat(88.0f) : y;
+    const vfloat shifter = splat(12582912.0f);  /* 1.5 * 2^23: adding it rounds to the nearest integer */
+    const vfloat n = (y * 1.44269504088896341f + shifter) - shifter;
+    const vfloat r = (y - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+    vfloat p = splat(1.0f / 720.0f);
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+    vfloat scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return 1.0f / (1.0f + p * scale);
+}
+
+static inline vfloat load(const float *p) {
+    vfloat v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store(float *p, vfloat v) { memcpy(p, &v, sizeof v); }
+
+static inline float sigmoid1(float x) {
+    return vsigmoid(splat(x))[0];
+}
+
+/* out[c, b, r, :] = spectrum[c, r, :] * attention[b, group[c, r]]
+ * spectrum (C, R, 2), group (C, R) int32, attention (B, n), out (C, B, R, 2). */
+void fdconv_scale_spectrum(const float *spectrum, const int32_t *group, const float *attention, float *out,
+                           int64_t cols, int64_t rows, int64_t batch, int64_t num_groups) {
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < cols; ++c) {
+        const float *spec = spectrum + c * rows * 2;
+        const int32_t *grp = group + c * rows;
+        for (int64_t b = 0; b < batch; ++b) {
+            const float *att = attention + b * num_groups;
+            float *dst = out + (c * batch + b) * rows * 2;
+            for (int64_t r = 0; r < rows; ++r) {
+                const float s = att[grp[r]];
+                dst[2 * r] = spec[2 * r] * s;
+                dst[2 * r + 1] = spec[2 * r + 1] * s;
+            }
+        }
+    }
+}
+
+/* Adjoint of the group scaling, for columns [0, cols) of a slice (pointers at its first column):
+ *   grad_spectrum[c, r] = weight[c] * sum_b grad[c, b, r] * attention[b, group[c, r]]
+ *   grad_attention[b, g] += sum over bins (c, r) of group g: weight[c] * <grad[c, b, r], spectrum[c, r]>
+ * grad (cols, B, R, 2), spectrum and grad_spectrum (cols, R, 2), group (cols, R) int32, weight (cols),
+ * attention and grad_attention (B, n). Complex values as real/imag pairs. */
+void fdconv_spectrum_adjoint(const float *grad, const float *spectrum, const int32_t *group, const float *weight,
+                             const float *attention, float *grad_spectrum, float *grad_attention, int64_t cols,
+                             int64_t batch, int64_t rows, int64_t num_groups) {
+#pragma omp parallel
+    {
+        float *partial = static_cast<float *>(calloc(batch * num_groups, sizeof(float)));
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < cols; ++c) {
+            const float *spec = spectrum + c * rows * 2;
+            const int32_t *grp = group + c * rows;
+            float *out = grad_spectrum + c * rows * 2;
+            for (int64_t r = 0; r < 2 * rows; ++r)
+                out[r] = 0.0f;
+            for (int64_t b = 0; b < batch; ++b) {
+                const float *g = grad + (c * batch + b) * rows * 2, *att = attention + b * num_groups;
+                float *part = partial + b * num_groups;
+                for (int64_t r = 0; r < rows; ++r) {
+                    const float a = att[grp[r]];
+                    out[2 * r] += g[2 * r] * a;
+                    out[2 * r + 1] += g[2 * r + 1] * a;
+                }
+                float acc = 0.0f;  /* bins of one group are mostly contiguous along r: sum runs, then add */
+                int32_t current = grp[0];
+                for (int64_t r = 0; r < rows; ++r) {
+                    if (grp[r] != current) {
+                        part[current] += acc * weight[c];
+                        acc = 0.0f;
+                        current = grp[r];
+                    }
+                    acc += g[2 * r] * spec[2 * r] + g[2 * r + 1] * spec[2 * r + 1];
+                }
+                part[current] += acc * weight[c];
+            }
+            for (int64_t r = 0; r < 2 * rows; ++r)
+                out[r] *= weight[c];
+        }
+#pragma omp critical
+        for (int64_t i = 0; i < batch * num_groups; ++i)
+            grad_attention[i] += partial[i];
+        free(partial);
+    }
+}
+
+/* dst[b, j, i] = src[b, i, j] for 8-byte values (complex64), rows `*_stride` apart and matrices `*_batch` apart,
+ * in 32 x 32 tiles so that both sides are read and written a cache line at a time. */
+void fdconv_transpose8(const uint64_t *src, uint64_t *dst, int64_t batch, int64_t n_i, int64_t n_j,
+                       int64_t src_stride, int64_t src_batch, int64_t dst_stride, int64_t dst_batch) {
+    const int64_t tile = 32;
+    const int64_t tiles_i = (n_i + tile - 1) / tile, tiles_j = (n_j + tile - 1) / tile;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < batch * tiles_i * tiles_j; ++t) {
+        const int64_t b = t / (tiles_i * tiles_j), i0 = (t % tiles_i) * tile, j0 = (t / tiles_i % tiles_j) * tile;
+        const int64_t i1 = i0 + tile < n_i ? i0 + tile : n_i, j1 = j0 + tile < n_j ? j0 + tile : n_j;
+        const uint64_t *s = src + b * src_batch;
+        uint64_t *d = dst + b * dst_batch;
+        for (int64_t j = j0; j < j1; ++j)
+            for (int64_t i = i0; i < i1; ++i)
+                d[j * dst_stride + i] = s[i * src_stride + j];
+    }
+}
+
+/* Local modulation in FDW's weight-matrix layout, for rows [row_begin, row_begin + n_rows) of every sample:
+ *   logit[b, (o,u), (i,v)] = sum_t taps[(o*k + u)*k + v, t] * windows[b, i, t]
+ *   out[b, row, col] = matrix[b, row, col] * sigmoid(logit)   (and sigmoid(logit) to `sigmoid_out` if given)
+ * taps (Cout*k*k, K), windows (B, Cin, K); matrix and out/sigmoid_out point at the first row of the slice,
+ * rows `*_row_stride` apart and samples `*_batch_stride` apart (the slice may be in (rows, B) order).
+ * The logits are made 16*k columns at a time: the tap pattern of a row repeats every k columns, so a block
+ * holds whole vectors of it and the inner loops vectorise. */
+void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_t src_batch_stride, float *out,
+                             float *sigmoid_out, int64_t dst_row_stride, int64_t dst_batch_stride,
+                             const float *taps, const float *windows, int64_t batch, int64_t in_channels,
+                             int64_t k, int64_t taps_k, int64_t row_begin, int64_t n_rows) {
+    const int64_t cols = in_channels * k, block = 16 * k;
+    /* windows spread along the columns, once per sample: spread[b, t, i*k + v] = windows[b, i, t] */
+    float *spread = static_cast<float *>(malloc(sizeof(float) * batch * taps_k * cols));
+#pragma omp parallel for schedule(static)
+    for (int64_t bt = 0; bt < batch * taps_k; ++bt) {
+        const int64_t b = bt / taps_k, t = bt % taps_k;
+        float *dst = spread + bt * cols;
+        for (int64_t i = 0; i < in_channels; ++i)
+            for (int64_t v = 0; v < k; ++v)
+                dst[i * k + v] = windows[(b * in_channels + i) * taps_k + t];
+    }
+#pragma omp parallel
+    {
+        float *pattern = static_cast<float *>(malloc(sizeof(float) * taps_k * block));
+        int64_t pattern_row = -1;
+#pragma omp for schedule(static)
+        for (int64_t rb = 0; rb < n_rows * batch; ++rb) {  /* sample fastest: one tap pattern per row */
+            const int64_t r = rb / batch, b = rb % batch, row = row_begin + r;
+            if (row != pattern_row) {
+                for (int64_t t = 0; t < taps_k; ++t)
+                    for (int64_t v = 0; v < k; ++v)
+                        for (int64_t q = v; q < block; q += k)
+                            pattern[t * block + q] = taps[(row * k + v) * taps_k + t];
+                pattern_row = row;
+            }
+            const float *src = matrix + b * src_batch_stride + r * src_row_stride;
+            float *dst = out + b * dst_batch_stride + r * dst_row_stride;
+            float *sig = sigmoid_out ? sigmoid_out + b * dst_batch_stride + r * dst_row_stride : nullptr;
+            const float *win = spread + b * taps_k * cols;
+            int64_t j = 0, offset = 0;  /* offset = j % block */
+            for (; j + LANES <= cols; j += LANES, offset = offset + LANES == block ? 0 : offset + LANES) {
+                const float *pat = pattern + offset;  /* fixed-width steps of LANES values */
+                vfloat acc = load(pat) * load(win + j);
+                for (int64_t t = 1; t < taps_k; ++t)
+                    acc += load(pat + t * block) * load(win + t * cols + j);
+                acc = vsigmoid(acc);
+                if (sig)
+                    store(sig + j, acc);
+                store(dst + j, load(src + j) * acc);
+            }
+            for (; j < cols; ++j) {
+                float s = 0.0f;
+                for (int64_t t = 0; t < taps_k; ++t)
+                    s += pattern[t * block + j % block] * win[t * cols + j];
+                s = sigmoid1(s);
+                if (sig)
+                    sig[j] = s;
+                dst[j] = src[j] * s;
+            }
+        }
+        free(pattern);
+    }
+    free(spread);
+}
+
+}  // extern "C"

@@ -1,0 +1,173 @@
+"""Fused CPU loops for kernel synthesis (``native.cpp``), compiled on first use and called through ctypes.
+
+Each loop does in one pass over B x |W| values what takes PyTorch several (see native.cpp). The library is
+built with the system C++ compiler (``$CXX``, else ``c++``) for the CPU it runs on and cached in
+``$FDCONV_ZOO_CACHE`` (default ``~/.cache/fdconv_zoo``) under a hash of source, compiler and CPU, so it is
+built once per machine. Without a compiler, on other platforms, or with ``FDCONV_ZOO_NATIVE=0`` the layers use
+their PyTorch code, which computes the same values more slowly. Only float32 CPU tensors take this path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name('native.cpp')
+_FLAGS = ['-O3', '-march=native', '-fno-math-errno', '-fopenmp', '-shared', '-fPIC', '-std=c++17']
+_lock = threading.Lock()
+_state: dict[str, ctypes.CDLL | None] = {}
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    'fdconv_scale_spectrum': [_P, _P, _P, _P, _I, _I, _I, _I],
+    'fdconv_spectrum_adjoint': [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I],
+    'fdconv_transpose8': [_P, _P, _I, _I, _I, _I, _I, _I, _I],
+    'fdconv_local_modulation': [_P, _I, _I, _P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _I, _I],
+}
+
+
+def _cpu_signature() -> str:
+    """What the compiled code depends on besides the source: the CPU's instruction set extensions."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line for line in f if line.startswith('flags')), '')
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, '--version'], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256('\0'.join([_SOURCE.read_text(), version, ' '.join(_FLAGS), _cpu_signature()]).encode())
+    cache = Path(os.environ.get('FDCONV_ZOO_CACHE', Path.home() / '.cache' / 'fdconv_zoo'))
+    target = cache / f'fdconv_native_{key.hexdigest()[:16]}.so'
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix='.so.tmp')
+        os.close(fd)
+        try:
+            subprocess.run([compiler, *_FLAGS, str(_SOURCE), '-o', tmp], capture_output=True, text=True, check=True)
+            os.replace(tmp, target)  # atomic: other processes see no library or a whole one
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return target
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get('FDCONV_ZOO_NATIVE', '1') == '0':
+        return None
+    if not sys.platform.startswith('linux') or platform.machine() not in ('x86_64', 'aarch64'):
+        return None
+    compiler = shutil.which(os.environ.get('CXX', 'c++'))
+    if compiler is None:
+        warnings.warn("fdconv_zoo: no C++ compiler found ($CXX or c++); FDConv layers use their slower PyTorch "
+                      "code on the CPU", RuntimeWarning, stacklevel=3)
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, 'stderr', '') or str(e)
+        warnings.warn(f"fdconv_zoo: building the fused CPU loops failed; FDConv layers use their slower PyTorch "
+                      f"code on the CPU. {detail.strip()[:2000]}", RuntimeWarning, stacklevel=3)
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled library, or None where it cannot be used (built once per process)."""
+    if 'lib' not in _state:
+        with _lock:
+            if 'lib' not in _state:
+                _state['lib'] = _load()
+    return _state['lib']
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the fused loops apply: float32 CPU tensors and a library."""
+    return all(t.device.type == 'cpu' and t.dtype == torch.float32 for t in tensors) and library() is not None
+
+
+def scale_spectrum(spectrum: torch.Tensor, group: torch.Tensor, attention: torch.Tensor, out: torch.Tensor) -> None:
+    """out[c, b, r] = spectrum[c, r] * attention[b, group[c, r]]: spectrum (C, R, 2), group (C, R) int32,
+    attention (B, n), out (C, B, R, 2); all contiguous."""
+    (cols, rows, _), (batch, groups) = spectrum.shape, attention.shape
+    _check_contiguous(spectrum=spectrum, group=group, attention=attention, out=out)
+    assert group.dtype == torch.int32 and tuple(out.shape) == (cols, batch, rows, 2)
+    library().fdconv_scale_spectrum(
+        spectrum.data_ptr(), group.data_ptr(), attention.data_ptr(), out.data_ptr(), cols, rows, batch, groups)
+
+
+def spectrum_adjoint(
+        grad: torch.Tensor,
+        spectrum: torch.Tensor,
+        group: torch.Tensor,
+        weight: torch.Tensor,
+        attention: torch.Tensor,
+        grad_spectrum: torch.Tensor,
+        grad_attention: torch.Tensor,
+) -> None:
+    """Adjoint of :func:`scale_spectrum` for a slice of columns, each column's bins weighted by ``weight``:
+    writes grad_spectrum (C, R, 2) and adds to grad_attention (B, n); grad (C, B, R, 2); all contiguous."""
+    cols, batch, rows, _ = grad.shape
+    _check_contiguous(grad=grad, spectrum=spectrum, group=group, weight=weight, attention=attention,
+                      grad_spectrum=grad_spectrum, grad_attention=grad_attention)
+    assert tuple(spectrum.shape) == tuple(grad_spectrum.shape) == (cols, rows, 2) and group.dtype == torch.int32
+    assert tuple(weight.shape) == (cols,) and tuple(grad_attention.shape) == tuple(attention.shape)
+    library().fdconv_spectrum_adjoint(
+        grad.data_ptr(), spectrum.data_ptr(), group.data_ptr(), weight.data_ptr(), attention.data_ptr(),
+        grad_spectrum.data_ptr(), grad_attention.data_ptr(), cols, batch, rows, attention.shape[1])
+
+
+def transpose(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst[b, j, i] = src[b, i, j] for complex64 (or 8-byte) views (B, I, J) -> (B, J, I) whose last dims have
+    unit stride; a blocked copy (torch's strided copy reads one side a value per cache line)."""
+    batch, n_i, n_j = src.shape
+    assert tuple(dst.shape) == (batch, n_j, n_i) and src.element_size() == dst.element_size() == 8
+    assert src.stride(2) == 1 and dst.stride(2) == 1
+    library().fdconv_transpose8(
+        src.data_ptr(), dst.data_ptr(), batch, n_i, n_j, src.stride(1), src.stride(0), dst.stride(1), dst.stride(0))
+
+
+def local_modulation(
+        matrix: torch.Tensor,
+        out: torch.Tensor,
+        sigmoid_out: torch.Tensor | None,
+        taps: torch.Tensor,
+        windows: torch.Tensor,
+        kernel_size: int,
+        first_row: int,
+) -> None:
+    """out = matrix * sigmoid(L) for rows [first_row, first_row + rows) of the weight matrix, with the local
+    logits L made on the fly from ``taps`` (Cout*k*k, K) and ``windows`` (B, Cin, K); sigmoid(L) also goes to
+    ``sigmoid_out`` (laid out like ``out``) if given. matrix, out: (B, rows, Cin*k) views, unit column stride."""
+    batch, rows, cols = matrix.shape
+    in_channels, taps_k = windows.shape[1:]
+    assert cols == in_channels * kernel_size and tuple(out.shape) == tuple(matrix.shape)
+    assert matrix.stride(2) == 1 and out.stride(2) == 1
+    _check_contiguous(taps=taps, windows=windows)
+    sig = 0
+    if sigmoid_out is not None:
+        assert sigmoid_out.shape == out.shape and sigmoid_out.stride() == out.stride()
+        sig = sigmoid_out.data_ptr()
+    library().fdconv_local_modulation(
+        matrix.data_ptr(), matrix.stride(1), matrix.stride(0), out.data_ptr(), sig, out.stride(1), out.stride(0),
+        taps.data_ptr(), windows.data_ptr(), batch, in_channels, kernel_size, taps_k, first_row, rows)
+
+
+def _check_contiguous(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous for the fused CPU loops, got strides {t.stride()}")

@@ -13,11 +13,21 @@ from safetensors.torch import load, save
 
 from fdconv_zoo import FDConv2d, FDLinear
 from fdconv_zoo.layers import fdw as fdw_module
-from fdconv_zoo.layers import fourier_basis, radial_grouping
+from fdconv_zoo.layers import fourier_basis, native, radial_grouping
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.fixture(params=['fused', 'torch'])
+def loops(request, monkeypatch) -> str:
+    """Run a float32 CPU test with the fused loops of ``native`` and again with the PyTorch code."""
+    if request.param == 'torch':
+        monkeypatch.setitem(native._state, 'lib', None)
+    else:
+        assert native.library() is not None, "the fused CPU loops did not build on this machine"
+    return request.param
 
 
 @pytest.mark.parametrize('cin,cout,k,stride,groups,n', [
@@ -135,7 +145,7 @@ def test_gradcheck_float64():
     lambda: FDConv2d(16, 24, 1, padding=1, num_freq_groups=4),  # padded 1x1: grouped-convolution path
     lambda: FDLinear(20, 36, num_freq_groups=6),
 ], ids=['3x3', '1x1-stride', 'odd-no-local', 'same-even-k', 'reflect', 'small-map', 'padded-1x1', 'linear'])
-def test_hand_written_gradient_matches_autograd(make):
+def test_hand_written_gradient_matches_autograd(make, loops):
     """The training path (fast forward, gradient of the kernel synthesis by hand) against plain autograd."""
     _check_against_autograd(make())
 
@@ -145,7 +155,7 @@ def test_hand_written_gradient_matches_autograd(make):
     lambda: FDConv2d(32, 48, 1, stride=2, num_freq_groups=7),
     lambda: FDConv2d(16, 112, 3, stride=2, padding=1, num_freq_groups=8),
 ], ids=['3x3', '1x1-stride', 'small-map'])
-def test_sliced_layer_matches_autograd(monkeypatch, make):
+def test_sliced_layer_matches_autograd(monkeypatch, make, loops):
     """The same with FDW's transforms forced onto slices of a few hundred bytes (uneven ones included), so that
     the local modulation is taken slice by slice as in large layers."""
     monkeypatch.setattr(fdw_module, 'WHOLE_TRANSFORM_BYTES', 0)
@@ -176,7 +186,7 @@ def _check_against_autograd(fast: nn.Module) -> None:
 
 
 @pytest.mark.parametrize('slice_bytes', [1, 3000])
-def test_sliced_transforms_match_autograd(monkeypatch, slice_bytes):
+def test_sliced_transforms_match_autograd(monkeypatch, slice_bytes, loops):
     """Large layers run the FFTs on slices (see fdw._slice_size); force slicing on a small one (one index per
     slice, and uneven slices) and check synthesis and its hand-written adjoint against autograd."""
     monkeypatch.setattr(fdw_module, 'WHOLE_TRANSFORM_BYTES', 0)
@@ -194,6 +204,64 @@ def test_sliced_transforms_match_autograd(monkeypatch, slice_bytes):
     got_spectrum, got_att = fdw.gradient(buffer, att.detach())
     assert rel_err(got_spectrum, grad_spectrum) < 1e-5
     assert rel_err(got_att, grad_att) < 1e-5
+
+
+def test_fused_loops_match_torch_code(monkeypatch):
+    """The fused CPU loops and the PyTorch code give the same kernels and gradients (inference and training,
+    rows of 16*k values and ragged tails), and the library is cached: a second load builds nothing."""
+    torch.manual_seed(3)
+    layers = [FDConv2d(33, 20, 3, padding=1, num_freq_groups=5), FDConv2d(64, 48, 1, num_freq_groups=7),
+              FDConv2d(16, 24, 2, padding='same', num_freq_groups=4), FDLinear(20, 36, num_freq_groups=6)]
+    for layer in layers:
+        randomize_(layer, scale=0.3)
+        shape = (2, 5, layer.in_features) if isinstance(layer, FDLinear) else (2, layer.in_channels, 7, 6)
+        x = torch.randn(shape)
+        results = []
+        for lib in (native.library(), None):
+            monkeypatch.setitem(native._state, 'lib', lib)
+            with torch.no_grad():
+                y_eval = layer(x)
+            inp = x.clone().requires_grad_()
+            layer.zero_grad()
+            layer(inp).square().sum().backward()
+            results.append([y_eval, inp.grad] + [p.grad.clone() for p in layer.parameters()])
+        for got, expected in zip(*results, strict=True):
+            assert rel_err(got, expected) < 1e-5
+
+
+def test_fused_loops_are_built_once_per_machine(monkeypatch, tmp_path):
+    """The library is compiled into the cache once (atomically: no temporary file stays), then loaded."""
+    monkeypatch.setenv('FDCONV_ZOO_CACHE', str(tmp_path))
+    monkeypatch.setattr(native, '_state', {})
+    assert native.library() is not None
+    (built,) = tmp_path.iterdir()
+    assert built.suffix == '.so'
+    stamp = built.stat().st_mtime_ns
+    monkeypatch.setattr(native, '_state', {})
+    assert native.library() is not None
+    assert list(tmp_path.iterdir()) == [built] and built.stat().st_mtime_ns == stamp
+
+
+def test_fused_loops_fall_back_with_one_warning(monkeypatch, tmp_path):
+    """No compiler, a failing build, or FDCONV_ZOO_NATIVE=0: the PyTorch code runs, with one clear warning
+    (none when switched off), and no half-written library is left in the cache."""
+    monkeypatch.setenv('FDCONV_ZOO_CACHE', str(tmp_path))
+    monkeypatch.setenv('CXX', 'no-such-compiler-fdconv')
+    monkeypatch.setattr(native, '_state', {})
+    with pytest.warns(RuntimeWarning, match='no C.. compiler'):
+        assert native.library() is None
+    monkeypatch.setenv('CXX', 'false')  # runs, fails
+    monkeypatch.setattr(native, '_state', {})
+    with pytest.warns(RuntimeWarning, match='building the fused CPU loops failed'):
+        assert native.library() is None
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv('FDCONV_ZOO_NATIVE', '0')
+    monkeypatch.setattr(native, '_state', {})
+    assert native.library() is None
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        assert rel_err(FDConv2d.from_dense(conv)(x), conv(x)) < 1e-5
 
 
 def test_batch_one_training_step_reaches_every_part():

@@ -23,6 +23,7 @@ from torch.autograd.function import once_differentiable
 from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
+from . import native
 from .fbm import FBM
 from .fdw import FourierDisjointWeight, fft_dtype, matrix_to_weight
 from .ksm import GlobalAttention, KSMGlobal, KSMLocal
@@ -316,8 +317,10 @@ class _SynthesisGradient(_RecomputeInBackward):
             k, b = layer.fdw.kernel_size, x.shape[0]
             spatial = att.spatial.detach() if att.spatial is not None else None
             kernel_att = att.kernel.detach()
-            product, local = layer._fast_product(
-                kernel_att, windows.detach() if windows is not None else None, keep_local=True)
+            local_input = windows.detach() if windows is not None else None
+            dtype = fft_dtype(layer.fdw.spectrum.dtype)
+            fused_local = windows is not None and native.usable_for(dtype, x.device)  # remakes sigmoid(L)
+            product, local = layer._fast_product(kernel_att, local_input, keep_local=not fused_local)
             grad_z = grad_out
             if att.filter is not None:
                 grad_z = grad_out * att.filter.detach().view(layer._channel_shape(grad_out)).to(grad_out.dtype)
@@ -328,8 +331,12 @@ class _SynthesisGradient(_RecomputeInBackward):
                 inp.detach(), grad_z, product.to(x.dtype), spatial)
             output_grads.append(grad_inp)
             grad_m = grad_m.to(product.dtype)  # dL/dP, matrix layout
-            product.mul_(grad_m)  # P * dL/dP: its sums give the filter (and spatial) gradients
-            per_tap = product.view(b, layer.out_channels, k, -1, k).sum(3)  # (B, Cout, k, k), one pass
+            if fused_local:  # one pass: dL/dM into grad_m, the sums of P * dL/dP, the local branch's gradients
+                per_tap, grad_taps, grad_windows = layer.ksm_local.fused_modulation_backward(
+                    product, grad_m, local_input)
+            else:
+                product.mul_(grad_m)  # P * dL/dP: its sums give the filter (and spatial) gradients
+                per_tap = product.view(b, layer.out_channels, k, -1, k).sum(3)  # (B, Cout, k, k), one pass
             if att.filter is not None:  # sum_hw grad_out * z == sum_(i,u,v) P * dL/dP / f
                 outputs.append(att.filter)
                 output_grads.append(_safe_divide(per_tap.sum((2, 3)), att.filter.detach()))
@@ -341,7 +348,8 @@ class _SynthesisGradient(_RecomputeInBackward):
             if local is not None:
                 grad_m.mul_(local)  # dL/dM = dL/dP * sigmoid(L)
                 torch.addcmul(product, product, local, value=-1, out=local)  # dL/dlogits, in sigmoid(L)'s memory
-                grad_taps, grad_windows = layer.ksm_local.matrix_logits_backward(local, windows.detach())
+                grad_taps, grad_windows = layer.ksm_local.matrix_logits_backward(local, local_input)
+            if windows is not None:
                 grads['ksm_local.conv.weight'] = grad_taps.to(layer.ksm_local.conv.weight.dtype)
                 outputs.append(windows)
                 output_grads.append(grad_windows.to(windows.dtype))

@@ -188,6 +188,25 @@ class KSMLocal(nn.Module):
             torch.mul(part, sigmoid_out[:, first_row:first_row + part.shape[1]], out=out)
         return product
 
+    def fused_modulation_backward(
+            self,
+            product: torch.Tensor,
+            grad: torch.Tensor,
+            windows: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """groups = 1, float32 CPU: backward of P = M * sigmoid(L) in one pass of the fused loop, sigmoid(L)
+        made again rather than stored. Turns ``grad`` (dLoss/dP) into dLoss/dM in place and returns
+        sum_i P * dP per (sample, Cout, k, k), the gradients of the conv taps (like ``conv.weight``) and of the
+        windows (B, Cin, K); None where the fused loops do not apply (then use :meth:`matrix_logits_backward`)."""
+        if not native.usable_for(product.dtype, product.device):
+            return None
+        taps = self.conv.weight.detach().to(product.dtype).view(-1, self.conv_size)
+        windows = windows.to(product.dtype).contiguous()
+        per_tap, grad_taps, grad_windows = native.local_modulation_backward(
+            product, grad, taps, windows, self.kernel_size)
+        k = self.kernel_size
+        return per_tap.view(-1, self.out_channels, k, k), grad_taps.view(self.conv.weight.shape), grad_windows
+
     def matrix_logits_backward(
             self, grad: torch.Tensor, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient of :meth:`matrix_logits` (B, Cout*k, Cin*k) -> gradients of the conv taps (shaped like

@@ -56,6 +56,21 @@ static inline float sigmoid1(float x) {
     return vsigmoid(splat(x))[0];
 }
 
+/* Windows spread along the weight-matrix columns: spread[b, t, i*k + v] = windows[b, i, t]. */
+static float *spread_windows(const float *windows, int64_t batch, int64_t in_channels, int64_t k, int64_t taps_k) {
+    const int64_t cols = in_channels * k;
+    float *spread = static_cast<float *>(malloc(sizeof(float) * batch * taps_k * cols));
+#pragma omp parallel for schedule(static)
+    for (int64_t bt = 0; bt < batch * taps_k; ++bt) {
+        const int64_t b = bt / taps_k, t = bt % taps_k;
+        float *dst = spread + bt * cols;
+        for (int64_t i = 0; i < in_channels; ++i)
+            for (int64_t v = 0; v < k; ++v)
+                dst[i * k + v] = windows[(b * in_channels + i) * taps_k + t];
+    }
+    return spread;
+}
+
 /* out[c, b, r, :] = spectrum[c, r, :] * attention[b, group[c, r]]
  * spectrum (C, R, 2), group (C, R) int32, attention (B, n), out (C, B, R, 2). */
 void fdconv_scale_spectrum(const float *spectrum, const int32_t *group, const float *attention, float *out,
@@ -153,17 +168,8 @@ void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_
                              float *sigmoid_out, int64_t dst_row_stride, int64_t dst_batch_stride,
                              const float *taps, const float *windows, int64_t batch, int64_t in_channels,
                              int64_t k, int64_t taps_k, int64_t row_begin, int64_t n_rows) {
-    const int64_t cols = in_channels * k, block = 16 * k;
-    /* windows spread along the columns, once per sample: spread[b, t, i*k + v] = windows[b, i, t] */
-    float *spread = static_cast<float *>(malloc(sizeof(float) * batch * taps_k * cols));
-#pragma omp parallel for schedule(static)
-    for (int64_t bt = 0; bt < batch * taps_k; ++bt) {
-        const int64_t b = bt / taps_k, t = bt % taps_k;
-        float *dst = spread + bt * cols;
-        for (int64_t i = 0; i < in_channels; ++i)
-            for (int64_t v = 0; v < k; ++v)
-                dst[i * k + v] = windows[(b * in_channels + i) * taps_k + t];
-    }
+    const int64_t cols = in_channels * k, block = LANES * k;
+    float *spread = spread_windows(windows, batch, in_channels, k, taps_k);
 #pragma omp parallel
     {
         float *pattern = static_cast<float *>(malloc(sizeof(float) * taps_k * block));
@@ -205,6 +211,99 @@ void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_
         }
         free(pattern);
     }
+    free(spread);
+}
+
+/* Backward of P = M * sigmoid(L) (whole matrices, contiguous (B, R, Cin*k)), with the logits L made again from
+ * taps (Cout*k*k, K) and windows (B, Cin, K) as in fdconv_local_modulation, given P and grad = dLoss/dP:
+ *   grad <- grad * sigmoid(L)                                   (= dLoss/dM, in place)
+ *   per_tap[b, row, v] = sum_i P * dP  at column i*k + v         (B, R, k): filter and spatial gradients
+ *   with dL = P * dP * (1 - sigmoid(L)):
+ *   grad_taps[row*k + v, t] = sum_{b, i} dL * windows[b, i, t]  (Cout*k*k, K)
+ *   grad_windows[b, i, t] = sum_{row, v} dL * taps[row*k + v, t] (B, Cin, K)
+ * Rows are split between threads (each owns its rows of grad_taps); grad_windows is summed per thread in the
+ * spread layout and reduced at the end. */
+void fdconv_local_modulation_backward(const float *product, float *grad, const float *taps, const float *windows,
+                                      float *per_tap, float *grad_taps, float *grad_windows, int64_t batch,
+                                      int64_t rows, int64_t in_channels, int64_t k, int64_t taps_k) {
+    const int64_t cols = in_channels * k, block = LANES * k, spread_size = batch * taps_k * cols;
+    float *spread = spread_windows(windows, batch, in_channels, k, taps_k);
+    float *total = static_cast<float *>(calloc(spread_size, sizeof(float)));
+#pragma omp parallel
+    {
+        float *pattern = static_cast<float *>(malloc(sizeof(float) * taps_k * block));
+        float *tap_acc = static_cast<float *>(malloc(sizeof(float) * (taps_k + 1) * block));
+        float *grad_spread = static_cast<float *>(calloc(spread_size, sizeof(float)));
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < rows; ++row) {
+            for (int64_t t = 0; t < taps_k; ++t)
+                for (int64_t v = 0; v < k; ++v)
+                    for (int64_t q = v; q < block; q += k)
+                        pattern[t * block + q] = taps[(row * k + v) * taps_k + t];
+            for (int64_t q = 0; q < taps_k * block; ++q)
+                tap_acc[q] = 0.0f;
+            float *pdp_acc = tap_acc + taps_k * block;  /* per lane of the block, summed per v at the end */
+            for (int64_t b = 0; b < batch; ++b) {
+                const float *p = product + (b * rows + row) * cols, *win = spread + b * taps_k * cols;
+                float *g = grad + (b * rows + row) * cols, *gw = grad_spread + b * taps_k * cols;
+                for (int64_t q = 0; q < block; ++q)
+                    pdp_acc[q] = 0.0f;
+                int64_t j = 0, offset = 0;
+                for (; j + LANES <= cols; j += LANES, offset = offset + LANES == block ? 0 : offset + LANES) {
+                    const float *pat = pattern + offset;
+                    vfloat logit = load(pat) * load(win + j);
+                    for (int64_t t = 1; t < taps_k; ++t)
+                        logit += load(pat + t * block) * load(win + t * cols + j);
+                    const vfloat sig = vsigmoid(logit), dp = load(g + j), pdp = load(p + j) * dp;
+                    store(g + j, dp * sig);
+                    store(pdp_acc + offset, load(pdp_acc + offset) + pdp);
+                    const vfloat dl = pdp * (1.0f - sig);
+                    for (int64_t t = 0; t < taps_k; ++t) {
+                        float *acc = tap_acc + t * block + offset, *gwt = gw + t * cols + j;
+                        store(acc, load(acc) + dl * load(win + t * cols + j));
+                        store(gwt, load(gwt) + dl * load(pat + t * block));
+                    }
+                }
+                for (; j < cols; ++j, offset = offset + 1 == block ? 0 : offset + 1) {
+                    float logit = 0.0f;
+                    for (int64_t t = 0; t < taps_k; ++t)
+                        logit += pattern[t * block + offset] * win[t * cols + j];
+                    const float sig = vsigmoid(splat(logit))[0], pdp = p[j] * g[j];
+                    g[j] *= sig;
+                    pdp_acc[offset] += pdp;
+                    const float dl = pdp * (1.0f - sig);
+                    for (int64_t t = 0; t < taps_k; ++t) {
+                        tap_acc[t * block + offset] += dl * win[t * cols + j];
+                        gw[t * cols + j] += dl * pattern[t * block + offset];
+                    }
+                }
+                float *tap = per_tap + (b * rows + row) * k;
+                for (int64_t v = 0; v < k; ++v)
+                    tap[v] = 0.0f;
+                for (int64_t q = 0; q < block; ++q)
+                    tap[q % k] += pdp_acc[q];
+            }
+            for (int64_t t = 0; t < taps_k; ++t)
+                for (int64_t q = 0; q < block; ++q)
+                    grad_taps[(row * k + q % k) * taps_k + t] += tap_acc[t * block + q];
+        }
+#pragma omp critical
+        for (int64_t q = 0; q < spread_size; ++q)
+            total[q] += grad_spread[q];
+        free(grad_spread);
+        free(tap_acc);
+        free(pattern);
+    }
+    for (int64_t bt = 0; bt < batch * taps_k; ++bt) {
+        const int64_t b = bt / taps_k, t = bt % taps_k;
+        for (int64_t i = 0; i < in_channels; ++i) {
+            float sum = 0.0f;
+            for (int64_t v = 0; v < k; ++v)
+                sum += total[bt * cols + i * k + v];
+            grad_windows[(b * in_channels + i) * taps_k + t] = sum;
+        }
+    }
+    free(total);
     free(spread);
 }
 

@@ -33,6 +33,7 @@ _SIGNATURES = {
     'fdconv_spectrum_adjoint': [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I],
     'fdconv_transpose8': [_P, _P, _I, _I, _I, _I, _I, _I, _I],
     'fdconv_local_modulation': [_P, _I, _I, _P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _I, _I],
+    'fdconv_local_modulation_backward': [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I],
 }
 
 
@@ -100,6 +101,11 @@ def usable(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == 'cpu' and t.dtype == torch.float32 for t in tensors) and library() is not None
 
 
+def usable_for(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the fused loops apply to tensors of this dtype on this device."""
+    return dtype == torch.float32 and device.type == 'cpu' and library() is not None
+
+
 def scale_spectrum(spectrum: torch.Tensor, group: torch.Tensor, attention: torch.Tensor, out: torch.Tensor) -> None:
     """out[c, b, r] = spectrum[c, r] * attention[b, group[c, r]]: spectrum (C, R, 2), group (C, R) int32,
     attention (B, n), out (C, B, R, 2); all contiguous."""
@@ -165,6 +171,29 @@ def local_modulation(
     library().fdconv_local_modulation(
         matrix.data_ptr(), matrix.stride(1), matrix.stride(0), out.data_ptr(), sig, out.stride(1), out.stride(0),
         taps.data_ptr(), windows.data_ptr(), batch, in_channels, kernel_size, taps_k, first_row, rows)
+
+
+def local_modulation_backward(
+        product: torch.Tensor,
+        grad: torch.Tensor,
+        taps: torch.Tensor,
+        windows: torch.Tensor,
+        kernel_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of P = M * sigmoid(L) over whole matrices (B, R, Cin*k), the logits made again on the fly.
+    Turns ``grad`` (dLoss/dP) into dLoss/dM in place and returns sum_i P*dP per (sample, row, v) (B, R, k),
+    and the gradients of the taps (Cout*k*k, K) and of the windows (B, Cin, K)."""
+    batch, rows, _ = product.shape
+    in_channels, taps_k = windows.shape[1:]
+    _check_contiguous(product=product, grad=grad, taps=taps, windows=windows)
+    assert product.shape == grad.shape and product.shape[2] == in_channels * kernel_size
+    per_tap = torch.empty(batch, rows, kernel_size, dtype=product.dtype)
+    grad_taps = torch.zeros(taps.shape, dtype=product.dtype)
+    grad_windows = torch.empty(windows.shape, dtype=product.dtype)
+    library().fdconv_local_modulation_backward(
+        product.data_ptr(), grad.data_ptr(), taps.data_ptr(), windows.data_ptr(), per_tap.data_ptr(),
+        grad_taps.data_ptr(), grad_windows.data_ptr(), batch, rows, in_channels, kernel_size, taps_k)
+    return per_tap, grad_taps, grad_windows
 
 
 def _check_contiguous(**tensors: torch.Tensor) -> None:

@@ -164,13 +164,13 @@ class FourierDisjointWeight(nn.Module):
         return self._column_major_groups()[0]
 
     def _column_major_groups(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``group_of_bin`` in column-major order: flat int64 (C*R) for torch, contiguous int32 (C, R) for the
-        fused loops; cached until the buffer changes."""
+        """``group_of_bin`` in column-major order: flat int64 (C*R) for torch, (C, R) in the fused loops' index
+        type (``native.group_index``); cached until the buffer changes."""
         group = self.group_of_bin
         key = (group.data_ptr(), group._version, group.device)
         if getattr(self, '_by_column_key', None) != key:
             by_column = group.t().contiguous()
-            self._by_column = by_column.view(-1), by_column.to(torch.int32)
+            self._by_column = by_column.view(-1), native.group_index(by_column, self.num_groups)
             self._by_column_key = key
         return self._by_column
 
@@ -260,7 +260,7 @@ class FourierDisjointWeight(nn.Module):
             weight[-1] /= 2
         grad_attention = torch.zeros(b, self.num_groups, device=device, dtype=dtype)
         grad_spectrum = torch.empty(half, rows, 2, device=device, dtype=dtype)
-        groups, groups32 = self._column_major_groups()
+        groups, narrow_groups = self._column_major_groups()
         if not fused:
             groups = groups.view(half, rows)
             weighted = spectrum * weight[:, None, None]
@@ -269,7 +269,7 @@ class FourierDisjointWeight(nn.Module):
             stop = min(start + column_step, half)
             grad_spec = torch.view_as_real(torch.fft.fft(spec[start:stop], dim=-1))
             if fused:
-                native.spectrum_adjoint(grad_spec, spectrum[start:stop], groups32[start:stop], weight[start:stop],
+                native.spectrum_adjoint(grad_spec, spectrum[start:stop], narrow_groups[start:stop], weight[start:stop],
                                         attention, grad_spectrum[start:stop], grad_attention)
                 continue
             # d/d(scale of a bin) = <grad, spectrum> over real/imag, summed per group

@@ -13,8 +13,6 @@
 
 #define LANES 16
 
-extern "C" {
-
 /* 16 floats / int32s as one value: gcc and clang map the arithmetic onto whatever SIMD the CPU has. */
 typedef float vfloat __attribute__((vector_size(4 * LANES), aligned(4)));
 typedef int32_t vint __attribute__((vector_size(4 * LANES), aligned(4)));
@@ -72,13 +70,14 @@ static float *spread_windows(const float *windows, int64_t batch, int64_t in_cha
 }
 
 /* out[c, b, r, :] = spectrum[c, r, :] * attention[b, group[c, r]]
- * spectrum (C, R, 2), group (C, R) int32, attention (B, n), out (C, B, R, 2). */
-void fdconv_scale_spectrum(const float *spectrum, const int32_t *group, const float *attention, float *out,
+ * spectrum (C, R, 2), group (C, R) uint8 or int32, attention (B, n), out (C, B, R, 2). */
+template <typename Index>
+static void scale_spectrum(const float *spectrum, const Index *group, const float *attention, float *out,
                            int64_t cols, int64_t rows, int64_t batch, int64_t num_groups) {
 #pragma omp parallel for schedule(static)
     for (int64_t c = 0; c < cols; ++c) {
         const float *spec = spectrum + c * rows * 2;
-        const int32_t *grp = group + c * rows;
+        const Index *grp = group + c * rows;
         for (int64_t b = 0; b < batch; ++b) {
             const float *att = attention + b * num_groups;
             float *dst = out + (c * batch + b) * rows * 2;
@@ -96,7 +95,8 @@ void fdconv_scale_spectrum(const float *spectrum, const int32_t *group, const fl
  *   grad_attention[b, g] += sum over bins (c, r) of group g: weight[c] * <grad[c, b, r], spectrum[c, r]>
  * grad (cols, B, R, 2), spectrum and grad_spectrum (cols, R, 2), group (cols, R) int32, weight (cols),
  * attention and grad_attention (B, n). Complex values as real/imag pairs. */
-void fdconv_spectrum_adjoint(const float *grad, const float *spectrum, const int32_t *group, const float *weight,
+template <typename Index>
+static void spectrum_adjoint(const float *grad, const float *spectrum, const Index *group, const float *weight,
                              const float *attention, float *grad_spectrum, float *grad_attention, int64_t cols,
                              int64_t batch, int64_t rows, int64_t num_groups) {
 #pragma omp parallel
@@ -105,7 +105,7 @@ void fdconv_spectrum_adjoint(const float *grad, const float *spectrum, const int
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < cols; ++c) {
             const float *spec = spectrum + c * rows * 2;
-            const int32_t *grp = group + c * rows;
+            const Index *grp = group + c * rows;
             float *out = grad_spectrum + c * rows * 2;
             for (int64_t r = 0; r < 2 * rows; ++r)
                 out[r] = 0.0f;
@@ -118,7 +118,7 @@ void fdconv_spectrum_adjoint(const float *grad, const float *spectrum, const int
                     out[2 * r + 1] += g[2 * r + 1] * a;
                 }
                 float acc = 0.0f;  /* bins of one group are mostly contiguous along r: sum runs, then add */
-                int32_t current = grp[0];
+                Index current = grp[0];
                 for (int64_t r = 0; r < rows; ++r) {
                     if (grp[r] != current) {
                         part[current] += acc * weight[c];
@@ -139,8 +139,39 @@ void fdconv_spectrum_adjoint(const float *grad, const float *spectrum, const int
     }
 }
 
+/* The group index is uint8 where n <= 256 (a quarter of the memory traffic of int32). */
+extern "C"
+void fdconv_scale_spectrum_u8(const float *spectrum, const uint8_t *group, const float *attention, float *out,
+                              int64_t cols, int64_t rows, int64_t batch, int64_t num_groups) {
+    scale_spectrum(spectrum, group, attention, out, cols, rows, batch, num_groups);
+}
+
+extern "C"
+void fdconv_scale_spectrum_i32(const float *spectrum, const int32_t *group, const float *attention, float *out,
+                               int64_t cols, int64_t rows, int64_t batch, int64_t num_groups) {
+    scale_spectrum(spectrum, group, attention, out, cols, rows, batch, num_groups);
+}
+
+extern "C"
+void fdconv_spectrum_adjoint_u8(const float *grad, const float *spectrum, const uint8_t *group, const float *weight,
+                                const float *attention, float *grad_spectrum, float *grad_attention, int64_t cols,
+                                int64_t batch, int64_t rows, int64_t num_groups) {
+    spectrum_adjoint(grad, spectrum, group, weight, attention, grad_spectrum, grad_attention, cols, batch, rows,
+                     num_groups);
+}
+
+extern "C"
+void fdconv_spectrum_adjoint_i32(const float *grad, const float *spectrum, const int32_t *group,
+                                 const float *weight, const float *attention, float *grad_spectrum,
+                                 float *grad_attention, int64_t cols, int64_t batch, int64_t rows,
+                                 int64_t num_groups) {
+    spectrum_adjoint(grad, spectrum, group, weight, attention, grad_spectrum, grad_attention, cols, batch, rows,
+                     num_groups);
+}
+
 /* dst[b, j, i] = src[b, i, j] for 8-byte values (complex64), rows `*_stride` apart and matrices `*_batch` apart,
  * in 32 x 32 tiles so that both sides are read and written a cache line at a time. */
+extern "C"
 void fdconv_transpose8(const uint64_t *src, uint64_t *dst, int64_t batch, int64_t n_i, int64_t n_j,
                        int64_t src_stride, int64_t src_batch, int64_t dst_stride, int64_t dst_batch) {
     const int64_t tile = 32;
@@ -164,6 +195,7 @@ void fdconv_transpose8(const uint64_t *src, uint64_t *dst, int64_t batch, int64_
  * rows `*_row_stride` apart and samples `*_batch_stride` apart (the slice may be in (rows, B) order).
  * The logits are made 16*k columns at a time: the tap pattern of a row repeats every k columns, so a block
  * holds whole vectors of it and the inner loops vectorise. */
+extern "C"
 void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_t src_batch_stride, float *out,
                              float *sigmoid_out, int64_t dst_row_stride, int64_t dst_batch_stride,
                              const float *taps, const float *windows, int64_t batch, int64_t in_channels,
@@ -223,6 +255,7 @@ void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_
  *   grad_windows[b, i, t] = sum_{row, v} dL * taps[row*k + v, t] (B, Cin, K)
  * Rows are split between threads (each owns its rows of grad_taps); grad_windows is summed per thread in the
  * spread layout and reduced at the end. */
+extern "C"
 void fdconv_local_modulation_backward(const float *product, float *grad, const float *taps, const float *windows,
                                       float *per_tap, float *grad_taps, float *grad_windows, int64_t batch,
                                       int64_t rows, int64_t in_channels, int64_t k, int64_t taps_k) {
@@ -306,5 +339,3 @@ void fdconv_local_modulation_backward(const float *product, float *grad, const f
     free(total);
     free(spread);
 }
-
-}  // extern "C"

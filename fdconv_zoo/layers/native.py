@@ -29,8 +29,8 @@ _state: dict[str, ctypes.CDLL | None] = {}
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    'fdconv_scale_spectrum': [_P, _P, _P, _P, _I, _I, _I, _I],
-    'fdconv_spectrum_adjoint': [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I],
+    **{f'fdconv_scale_spectrum_{index}': [_P, _P, _P, _P, _I, _I, _I, _I] for index in ('u8', 'i32')},
+    **{f'fdconv_spectrum_adjoint_{index}': [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I] for index in ('u8', 'i32')},
     'fdconv_transpose8': [_P, _P, _I, _I, _I, _I, _I, _I, _I],
     'fdconv_local_modulation': [_P, _I, _I, _P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _I, _I],
     'fdconv_local_modulation_backward': [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I],
@@ -106,13 +106,24 @@ def usable_for(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.float32 and device.type == 'cpu' and library() is not None
 
 
+def group_index(group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """A (C, R) bin -> group map in the narrowest index type the loops take: uint8 for n <= 256, else int32."""
+    return group.to(torch.uint8 if num_groups <= 256 else torch.int32).contiguous()
+
+
+def _suffix(group: torch.Tensor) -> str:
+    if group.dtype not in (torch.uint8, torch.int32):
+        raise ValueError(f"group index must be uint8 or int32 (see group_index), got {group.dtype}")
+    return 'u8' if group.dtype == torch.uint8 else 'i32'
+
+
 def scale_spectrum(spectrum: torch.Tensor, group: torch.Tensor, attention: torch.Tensor, out: torch.Tensor) -> None:
-    """out[c, b, r] = spectrum[c, r] * attention[b, group[c, r]]: spectrum (C, R, 2), group (C, R) int32,
-    attention (B, n), out (C, B, R, 2); all contiguous."""
+    """out[c, b, r] = spectrum[c, r] * attention[b, group[c, r]]: spectrum (C, R, 2), group (C, R) from
+    :func:`group_index`, attention (B, n), out (C, B, R, 2); all contiguous."""
     (cols, rows, _), (batch, groups) = spectrum.shape, attention.shape
     _check_contiguous(spectrum=spectrum, group=group, attention=attention, out=out)
-    assert group.dtype == torch.int32 and tuple(out.shape) == (cols, batch, rows, 2)
-    library().fdconv_scale_spectrum(
+    assert tuple(out.shape) == (cols, batch, rows, 2)
+    getattr(library(), f'fdconv_scale_spectrum_{_suffix(group)}')(
         spectrum.data_ptr(), group.data_ptr(), attention.data_ptr(), out.data_ptr(), cols, rows, batch, groups)
 
 
@@ -130,9 +141,9 @@ def spectrum_adjoint(
     cols, batch, rows, _ = grad.shape
     _check_contiguous(grad=grad, spectrum=spectrum, group=group, weight=weight, attention=attention,
                       grad_spectrum=grad_spectrum, grad_attention=grad_attention)
-    assert tuple(spectrum.shape) == tuple(grad_spectrum.shape) == (cols, rows, 2) and group.dtype == torch.int32
+    assert tuple(spectrum.shape) == tuple(grad_spectrum.shape) == (cols, rows, 2)
     assert tuple(weight.shape) == (cols,) and tuple(grad_attention.shape) == tuple(attention.shape)
-    library().fdconv_spectrum_adjoint(
+    getattr(library(), f'fdconv_spectrum_adjoint_{_suffix(group)}')(
         grad.data_ptr(), spectrum.data_ptr(), group.data_ptr(), weight.data_ptr(), attention.data_ptr(),
         grad_spectrum.data_ptr(), grad_attention.data_ptr(), cols, batch, rows, attention.shape[1])
 

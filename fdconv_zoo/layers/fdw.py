@@ -251,9 +251,11 @@ class FourierDisjointWeight(nn.Module):
         fused = native.usable(grad_matrix, spectrum, attention)
         spec = torch.view_as_complex(scratch('fdw.rows', (half, b, rows, 2), device, dtype))
         row_step, column_step = self._slice_steps(b)
-        for start in range(0, rows, row_step):  # real FFT along C, slice of rows -> (C/2+1, B, slice)
-            part = torch.fft.rfft(grad_matrix[:, start:start + row_step], dim=-1)
-            _transpose(part, spec[:, :, start:start + row_step].permute(1, 0, 2), fused)
+        by_row, by_column = grad_matrix.reshape(b * rows, self.cols), spec.view(half, b * rows)
+        step = row_step * b  # slices of the (B*R) rows: contiguous, so the FFT reads them in place
+        for start in range(0, b * rows, step):  # real FFT along C, slice of rows -> (C/2+1, slice)
+            part = torch.fft.rfft(by_row[start:start + step], dim=-1)
+            _transpose(part.unsqueeze(0), by_column[:, start:start + step].unsqueeze(0), fused)
         weight = torch.full((half,), 2.0 / (rows * self.cols), device=device, dtype=dtype)
         weight[0] /= 2
         if self.cols % 2 == 0:

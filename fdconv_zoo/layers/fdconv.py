@@ -7,8 +7,9 @@ Channel and filter attention are applied to the activations, which is the same a
 
 Speed (groups = 1): without autograd the B x |W| work runs in FDW's weight-matrix layout in scratch memory
 (``_fast_product``) and the kernels are applied in the layout they are made in (``_apply_product``); training
-runs that same path forward and differentiates it by hand (``_SynthesisGradient``). Other cases (groups > 1,
-``recompute=False``, torch.compile) use plain tensor algebra and autograd (``_synthesize``).
+runs that same path forward and differentiates it by hand (``_SynthesisGradient``). In float32 on the CPU the
+passes over B x |W| values run as fused loops (``native``). Other cases (groups > 1, ``recompute=False``,
+torch.compile) use plain tensor algebra and autograd (``_synthesize``).
 """
 from __future__ import annotations
 

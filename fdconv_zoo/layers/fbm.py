@@ -91,14 +91,22 @@ class FBM(nn.Module):
         nn.init.zeros_(self.band_conv.weight)
         nn.init.zeros_(self.band_conv.bias)
 
+    def _band_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The J band convs (3x3, padding 1, Cin -> J) as one matrix product to the J*9 tap maps and col2im
+        (``F.fold``), which adds each tap's map shifted into place: 2-3x faster on the CPU than a convolution
+        with so few outputs. Fold scatters where a convolution gathers, hence the flipped taps."""
+        b, c, h, w = x.shape
+        taps = self.band_conv.weight.to(x.dtype).flip(2, 3).permute(0, 2, 3, 1).reshape(-1, c)  # (J*9, Cin)
+        maps = torch.matmul(taps, x.reshape(b, c, h * w))
+        return F.fold(maps, (h, w), 3, padding=1) + self.band_conv.bias.to(x.dtype).view(1, -1, 1, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Cin, H, W) -> modulated map of the same shape, at least float32."""
         h, w = x.shape[-2:]
         x = x.to(fft_dtype(x.dtype))
         basis_h, ranks_h = fourier_basis(h, self.cutoffs, x.device, x.dtype)
         basis_w, ranks_w = fourier_basis(w, self.cutoffs, x.device, x.dtype)
-        band_scale = 2.0 * torch.sigmoid(F.conv2d(
-            x, self.band_conv.weight.to(x.dtype), self.band_conv.bias.to(x.dtype), padding=1))  # (B, J, H, W)
+        band_scale = 2.0 * torch.sigmoid(self._band_logits(x))  # (B, J, H, W)
         # sum_j A_j (LP_{j-1} - LP_j) + LP_J  ==  A_1 x + sum_j (A_{j+1} - A_j) LP_j  with A_{J+1} = 1
         next_scale = torch.cat([band_scale[:, 1:], torch.ones_like(band_scale[:, :1])], dim=1)
         weight = next_scale - band_scale

@@ -170,11 +170,11 @@ void fdconv_spectrum_adjoint_i32(const float *grad, const float *spectrum, const
 }
 
 /* dst[b, j, i] = src[b, i, j] for 8-byte values (complex64), rows `*_stride` apart and matrices `*_batch` apart,
- * in 32 x 32 tiles so that both sides are read and written a cache line at a time. */
+ * in 16 x 16 tiles (measured fastest here) so that both sides are read and written a cache line at a time. */
 extern "C"
 void fdconv_transpose8(const uint64_t *src, uint64_t *dst, int64_t batch, int64_t n_i, int64_t n_j,
                        int64_t src_stride, int64_t src_batch, int64_t dst_stride, int64_t dst_batch) {
-    const int64_t tile = 32;
+    const int64_t tile = 16;
     const int64_t tiles_i = (n_i + tile - 1) / tile, tiles_j = (n_j + tile - 1) / tile;
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < batch * tiles_i * tiles_j; ++t) {

@@ -12,6 +12,8 @@
 #include <cstring>
 
 #define LANES 16
+/* Loops over fewer values than this run on one thread: waking the others costs more than they save. */
+#define PARALLEL_WORK 32768
 
 /* 16 floats / int32s as one value: gcc and clang map the arithmetic onto whatever SIMD the CPU has. */
 typedef float vfloat __attribute__((vector_size(4 * LANES), aligned(4)));
@@ -58,7 +60,7 @@ static inline float sigmoid1(float x) {
 static float *spread_windows(const float *windows, int64_t batch, int64_t in_channels, int64_t k, int64_t taps_k) {
     const int64_t cols = in_channels * k;
     float *spread = static_cast<float *>(malloc(sizeof(float) * batch * taps_k * cols));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (batch * taps_k * cols > PARALLEL_WORK)
     for (int64_t bt = 0; bt < batch * taps_k; ++bt) {
         const int64_t b = bt / taps_k, t = bt % taps_k;
         float *dst = spread + bt * cols;
@@ -74,7 +76,7 @@ static float *spread_windows(const float *windows, int64_t batch, int64_t in_cha
 template <typename Index>
 static void scale_spectrum(const float *spectrum, const Index *group, const float *attention, float *out,
                            int64_t cols, int64_t rows, int64_t batch, int64_t num_groups) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (cols * batch * rows > PARALLEL_WORK)
     for (int64_t c = 0; c < cols; ++c) {
         const float *spec = spectrum + c * rows * 2;
         const Index *grp = group + c * rows;
@@ -99,7 +101,7 @@ template <typename Index>
 static void spectrum_adjoint(const float *grad, const float *spectrum, const Index *group, const float *weight,
                              const float *attention, float *grad_spectrum, float *grad_attention, int64_t cols,
                              int64_t batch, int64_t rows, int64_t num_groups) {
-#pragma omp parallel
+#pragma omp parallel if (cols * batch * rows > PARALLEL_WORK)
     {
         float *partial = static_cast<float *>(calloc(batch * num_groups, sizeof(float)));
 #pragma omp for schedule(static)
@@ -176,7 +178,7 @@ void fdconv_transpose8(const uint64_t *src, uint64_t *dst, int64_t batch, int64_
                        int64_t src_stride, int64_t src_batch, int64_t dst_stride, int64_t dst_batch) {
     const int64_t tile = 16;
     const int64_t tiles_i = (n_i + tile - 1) / tile, tiles_j = (n_j + tile - 1) / tile;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (batch * n_i * n_j > PARALLEL_WORK)
     for (int64_t t = 0; t < batch * tiles_i * tiles_j; ++t) {
         const int64_t b = t / (tiles_i * tiles_j), i0 = (t % tiles_i) * tile, j0 = (t / tiles_i % tiles_j) * tile;
         const int64_t i1 = i0 + tile < n_i ? i0 + tile : n_i, j1 = j0 + tile < n_j ? j0 + tile : n_j;
@@ -202,7 +204,7 @@ void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_
                              int64_t k, int64_t taps_k, int64_t row_begin, int64_t n_rows) {
     const int64_t cols = in_channels * k, block = LANES * k;
     float *spread = spread_windows(windows, batch, in_channels, k, taps_k);
-#pragma omp parallel
+#pragma omp parallel if (batch * n_rows * cols > PARALLEL_WORK)
     {
         float *pattern = static_cast<float *>(malloc(sizeof(float) * taps_k * block));
         int64_t pattern_row = -1;
@@ -262,7 +264,7 @@ void fdconv_local_modulation_backward(const float *product, float *grad, const f
     const int64_t cols = in_channels * k, block = LANES * k, spread_size = batch * taps_k * cols;
     float *spread = spread_windows(windows, batch, in_channels, k, taps_k);
     float *total = static_cast<float *>(calloc(spread_size, sizeof(float)));
-#pragma omp parallel
+#pragma omp parallel if (batch * rows * cols > PARALLEL_WORK)
     {
         float *pattern = static_cast<float *>(malloc(sizeof(float) * taps_k * block));
         float *tap_acc = static_cast<float *>(malloc(sizeof(float) * (taps_k + 1) * block));

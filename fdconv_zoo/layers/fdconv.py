@@ -126,6 +126,13 @@ class _FrequencyDynamicLayer(nn.Module):
     def _fast_path(self) -> bool:
         return not torch.is_grad_enabled() and self.groups == 1 and not torch.compiler.is_compiling()
 
+    def _folds_channel(self, device: torch.device) -> bool:
+        """Fast path: whether the channel attention rides along in the fused local-modulation pass over the
+        kernels (float32 CPU, local branch), where it costs nothing, instead of scaling the input activations,
+        a pass over B x Cin x H x W (and two more in training)."""
+        dtype = fft_dtype(self.fdw.spectrum.dtype)
+        return self.ksm_local is not None and self.groups == 1 and native.usable_for(dtype, device)
+
     def _fold_local_scale(self, att: GlobalAttention) -> GlobalAttention:
         """Move the local branch's constant att_multi from the kernel to the (smaller) channel attention."""
         return att if self.ksm_local is None else att._replace(channel=att.channel * self.att_multi)
@@ -149,11 +156,13 @@ class _FrequencyDynamicLayer(nn.Module):
             self,
             kernel_att: torch.Tensor,
             windows: torch.Tensor | None,
+            channel: torch.Tensor | None = None,
             keep_local: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """groups = 1, no autograd: P = M * sigmoid(L) in FDW's weight-matrix layout (B, Cout*k, Cin*k) (fresh,
-        or scratch memory when the FFT ran on slices), in the fewest passes over B x |W| floats, and, if
-        ``keep_local`` (for the backward), sigmoid(L) in scratch memory (None without the local branch).
+        or scratch memory when the FFT ran on slices), times the channel attention if given (only where
+        ``_folds_channel``), in the fewest passes over B x |W| floats, and, if ``keep_local`` (for the
+        backward), sigmoid(L) in scratch memory (None without the local branch).
 
         The layout is the one the inverse FFT writes, so the products are contiguous and vectorise. The spatial
         attention and the local att_multi are applied later, where they are cheapest (see ``_apply_product``).
@@ -163,15 +172,16 @@ class _FrequencyDynamicLayer(nn.Module):
             b, dtype = kernel_att.shape[0], fft_dtype(self.fdw.spectrum.dtype)
             if keep_local:
                 local = scratch('ksm.local', (b, self.fdw.rows, self.fdw.cols), kernel_att.device, dtype)
-            modulate = self.ksm_local.modulation(windows, dtype, local)
+            modulate = self.ksm_local.modulation(windows, dtype, local, channel)
         return self.fdw.synthesize(kernel_att, modulate), local
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """The KSM statistics: per-sample mean of the input (B, Cin), in the FFT dtype."""
         raise NotImplementedError
 
-    def _kernel_input(self, x: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
-        """The tensor the per-sample kernels multiply: input after FBM and channel attention, in x's dtype."""
+    def _kernel_input(self, x: torch.Tensor, channel: torch.Tensor | None) -> torch.Tensor:
+        """The tensor the per-sample kernels multiply: input after FBM and the channel attention (unless None:
+        folded into the kernels), in x's dtype."""
         raise NotImplementedError
 
     def _apply_kernels(self, inp: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
@@ -200,13 +210,14 @@ class _FrequencyDynamicLayer(nn.Module):
         att, windows = self._attention(self._pool(x))
         fast = self._fast_path()
         with record_function('fdconv.synthesis'):
+            folds_channel = fast and self._folds_channel(x.device)
             if fast:
-                product, _ = self._fast_product(att.kernel, windows)
                 att = self._fold_local_scale(att)
+                product, _ = self._fast_product(att.kernel, windows, att.channel if folds_channel else None)
             else:
                 kernels = self._synthesize(att, windows)
         with record_function('fdconv.fbm'):
-            inp = self._kernel_input(x, att.channel)
+            inp = self._kernel_input(x, None if folds_channel else att.channel)
         with record_function('fdconv.conv'):
             if fast:
                 y = self._apply_product(inp, product.to(x.dtype), att.spatial)
@@ -311,7 +322,8 @@ class _SynthesisGradient(_RecomputeInBackward):
             xg = x.detach().requires_grad_(needs[0])
             att, windows = layer._attention(layer._pool(xg))
             att = layer._fold_local_scale(att)
-            inp = layer._kernel_input(xg, att.channel)
+            fused_local = layer._folds_channel(x.device)  # one fused pass, sigmoid(L) made again, channel folded
+            inp = layer._kernel_input(xg, None if fused_local else att.channel)
         grads: dict[str, torch.Tensor] = {}
         outputs, output_grads = [inp], []
         with torch.no_grad():
@@ -319,9 +331,8 @@ class _SynthesisGradient(_RecomputeInBackward):
             spatial = att.spatial.detach() if att.spatial is not None else None
             kernel_att = att.kernel.detach()
             local_input = windows.detach() if windows is not None else None
-            dtype = fft_dtype(layer.fdw.spectrum.dtype)
-            fused_local = windows is not None and native.usable_for(dtype, x.device)  # remakes sigmoid(L)
-            product, local = layer._fast_product(kernel_att, local_input, keep_local=not fused_local)
+            channel = att.channel.detach() if fused_local else None
+            product, local = layer._fast_product(kernel_att, local_input, channel, keep_local=not fused_local)
             grad_z = grad_out
             if att.filter is not None:
                 grad_z = grad_out * att.filter.detach().view(layer._channel_shape(grad_out)).to(grad_out.dtype)
@@ -333,8 +344,10 @@ class _SynthesisGradient(_RecomputeInBackward):
             output_grads.append(grad_inp)
             grad_m = grad_m.to(product.dtype)  # dL/dP, matrix layout
             if fused_local:  # one pass: dL/dM into grad_m, the sums of P * dL/dP, the local branch's gradients
-                per_tap, grad_taps, grad_windows = layer.ksm_local.fused_modulation_backward(
-                    product, grad_m, local_input)
+                per_tap, grad_taps, grad_windows, channel_sums = layer.ksm_local.fused_modulation_backward(
+                    product, grad_m, local_input, channel)
+                outputs.append(att.channel)  # sum_hw over the input of grad * x' == sum_(o,u,v) P * dL/dP / c
+                output_grads.append(_safe_divide(channel_sums, channel).to(att.channel.dtype))
             else:
                 product.mul_(grad_m)  # P * dL/dP: its sums give the filter (and spatial) gradients
                 per_tap = product.view(b, layer.out_channels, k, -1, k).sum(3)  # (B, Cout, k, k), one pass
@@ -523,9 +536,11 @@ class FDConv2d(_FrequencyDynamicLayer):
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(fft_dtype(x.dtype)).mean((2, 3))
 
-    def _kernel_input(self, x: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    def _kernel_input(self, x: torch.Tensor, channel: torch.Tensor | None) -> torch.Tensor:
         inp = self.fbm(x) if self.fbm is not None else x
-        if torch.is_grad_enabled() or inp is x:
+        if channel is None:
+            pass
+        elif torch.is_grad_enabled() or inp is x:
             inp = inp * channel[:, :, None, None].to(inp.dtype)
         else:  # FBM output is fresh
             inp.mul_(channel[:, :, None, None].to(inp.dtype))
@@ -675,8 +690,10 @@ class FDLinear(_FrequencyDynamicLayer):
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], -1, self.in_channels).to(fft_dtype(x.dtype)).mean(1)
 
-    def _kernel_input(self, x: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    def _kernel_input(self, x: torch.Tensor, channel: torch.Tensor | None) -> torch.Tensor:
         tokens = x.reshape(x.shape[0], -1, self.in_channels)
+        if channel is None:
+            return tokens
         return (tokens * channel[:, None, :].to(tokens.dtype)).to(x.dtype)
 
     def _apply_kernels(self, inp: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:

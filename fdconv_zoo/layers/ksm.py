@@ -167,19 +167,30 @@ class KSMLocal(nn.Module):
         windows = self.expanded_windows(windows.to(out.dtype))
         return torch.bmm(taps.expand(windows.shape[0], -1, -1), windows.transpose(1, 2), out=out)
 
-    def modulation(self, windows: torch.Tensor, dtype: torch.dtype, sigmoid_out: torch.Tensor | None) -> Modulation:
+    def modulation(
+            self,
+            windows: torch.Tensor,
+            dtype: torch.dtype,
+            sigmoid_out: torch.Tensor | None,
+            channel: torch.Tensor | None = None,
+    ) -> Modulation:
         """groups = 1: the product with sigmoid(L) in FDW's weight-matrix layout, for ``FDW.synthesize`` to apply
         slice by slice; sigmoid(L) also goes to ``sigmoid_out`` (B, Cout*k, Cin*k) if given. In float32 on the
-        CPU the fused loop makes the logits on the fly (no B x |W| logits tensor, one pass); otherwise
-        sigmoid(L) is made first, in ``sigmoid_out`` or scratch memory."""
+        CPU the fused loop makes the logits on the fly (no B x |W| logits tensor, one pass) and can multiply by
+        a channel attention (B, Cin) on the way; otherwise sigmoid(L) is made first, in ``sigmoid_out`` or
+        scratch memory (and ``channel`` must be None)."""
         taps = self.conv.weight.detach().to(dtype).view(-1, self.conv_size)
         windows = windows.to(dtype).contiguous()
         k, rows, cols = self.kernel_size, self.out_channels * self.kernel_size, self.in_channels * self.kernel_size
         if native.usable(taps, windows):
+            channel = None if channel is None else channel.to(dtype).contiguous()
+
             def fused(part: torch.Tensor, out: torch.Tensor, first_row: int) -> None:
                 sig = None if sigmoid_out is None else sigmoid_out[:, first_row:first_row + part.shape[1]]
-                native.local_modulation(part, out, sig, taps, windows, k, first_row)
+                native.local_modulation(part, out, sig, taps, windows, channel, k, first_row)
             return fused
+        if channel is not None:
+            raise ValueError("only the fused CPU loops fold the channel attention into the kernels")
         if sigmoid_out is None:
             sigmoid_out = scratch('ksm.local', (windows.shape[0], rows, cols), windows.device, dtype)
         self.matrix_logits(windows, out=sigmoid_out).sigmoid_()
@@ -193,19 +204,21 @@ class KSMLocal(nn.Module):
             product: torch.Tensor,
             grad: torch.Tensor,
             windows: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """groups = 1, float32 CPU: backward of P = M * sigmoid(L) in one pass of the fused loop, sigmoid(L)
-        made again rather than stored. Turns ``grad`` (dLoss/dP) into dLoss/dM in place and returns
-        sum_i P * dP per (sample, Cout, k, k), the gradients of the conv taps (like ``conv.weight``) and of the
-        windows (B, Cin, K); None where the fused loops do not apply (then use :meth:`matrix_logits_backward`)."""
-        if not native.usable_for(product.dtype, product.device):
-            return None
+            channel: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """groups = 1, float32 CPU: backward of P = M * sigmoid(L) (* channel (B, Cin) if given) in one pass of
+        the fused loop, sigmoid(L) made again rather than stored. Turns ``grad`` (dLoss/dP) into dLoss/dM in
+        place and returns sum_i P * dP per (sample, Cout, k, k), the gradients of the conv taps (like
+        ``conv.weight``) and of the windows (B, Cin, K), and sum_(o,u,v) P * dP per (sample, Cin) (None without
+        ``channel``). Use :meth:`matrix_logits_backward` where the fused loops do not apply."""
         taps = self.conv.weight.detach().to(product.dtype).view(-1, self.conv_size)
         windows = windows.to(product.dtype).contiguous()
-        per_tap, grad_taps, grad_windows = native.local_modulation_backward(
-            product, grad, taps, windows, self.kernel_size)
+        channel = None if channel is None else channel.to(product.dtype).contiguous()
+        per_tap, grad_taps, grad_windows, channel_sums = native.local_modulation_backward(
+            product, grad, taps, windows, channel, self.kernel_size)
         k = self.kernel_size
-        return per_tap.view(-1, self.out_channels, k, k), grad_taps.view(self.conv.weight.shape), grad_windows
+        return (per_tap.view(-1, self.out_channels, k, k), grad_taps.view(self.conv.weight.shape), grad_windows,
+                channel_sums)
 
     def matrix_logits_backward(
             self, grad: torch.Tensor, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -192,18 +192,20 @@ void fdconv_transpose8(const uint64_t *src, uint64_t *dst, int64_t batch, int64_
 
 /* Local modulation in FDW's weight-matrix layout, for rows [row_begin, row_begin + n_rows) of every sample:
  *   logit[b, (o,u), (i,v)] = sum_t taps[(o*k + u)*k + v, t] * windows[b, i, t]
- *   out[b, row, col] = matrix[b, row, col] * sigmoid(logit)   (and sigmoid(logit) to `sigmoid_out` if given)
- * taps (Cout*k*k, K), windows (B, Cin, K); matrix and out/sigmoid_out point at the first row of the slice,
+ *   out[b, row, col] = matrix[b, row, col] * sigmoid(logit) * channel[b, i]
+ * (channel may be null: factor 1), and sigmoid(logit) to `sigmoid_out` if given. taps (Cout*k*k, K), windows
+ * and channel (B, Cin, K) and (B, Cin); matrix and out/sigmoid_out point at the first row of the slice,
  * rows `*_row_stride` apart and samples `*_batch_stride` apart (the slice may be in (rows, B) order).
  * The logits are made 16*k columns at a time: the tap pattern of a row repeats every k columns, so a block
  * holds whole vectors of it and the inner loops vectorise. */
 extern "C"
 void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_t src_batch_stride, float *out,
                              float *sigmoid_out, int64_t dst_row_stride, int64_t dst_batch_stride,
-                             const float *taps, const float *windows, int64_t batch, int64_t in_channels,
-                             int64_t k, int64_t taps_k, int64_t row_begin, int64_t n_rows) {
+                             const float *taps, const float *windows, const float *channel, int64_t batch,
+                             int64_t in_channels, int64_t k, int64_t taps_k, int64_t row_begin, int64_t n_rows) {
     const int64_t cols = in_channels * k, block = LANES * k;
     float *spread = spread_windows(windows, batch, in_channels, k, taps_k);
+    float *channel_spread = channel ? spread_windows(channel, batch, in_channels, k, 1) : nullptr;
 #pragma omp parallel if (batch * n_rows * cols > PARALLEL_WORK)
     {
         float *pattern = static_cast<float *>(malloc(sizeof(float) * taps_k * block));
@@ -222,6 +224,7 @@ void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_
             float *dst = out + b * dst_batch_stride + r * dst_row_stride;
             float *sig = sigmoid_out ? sigmoid_out + b * dst_batch_stride + r * dst_row_stride : nullptr;
             const float *win = spread + b * taps_k * cols;
+            const float *scale = channel_spread ? channel_spread + b * cols : nullptr;
             int64_t j = 0, offset = 0;  /* offset = j % block */
             for (; j + LANES <= cols; j += LANES, offset = offset + LANES == block ? 0 : offset + LANES) {
                 const float *pat = pattern + offset;  /* fixed-width steps of LANES values */
@@ -231,7 +234,7 @@ void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_
                 acc = vsigmoid(acc);
                 if (sig)
                     store(sig + j, acc);
-                store(dst + j, load(src + j) * acc);
+                store(dst + j, scale ? load(src + j) * acc * load(scale + j) : load(src + j) * acc);
             }
             for (; j < cols; ++j) {
                 float s = 0.0f;
@@ -240,18 +243,21 @@ void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_
                 s = sigmoid1(s);
                 if (sig)
                     sig[j] = s;
-                dst[j] = src[j] * s;
+                dst[j] = scale ? src[j] * s * scale[j] : src[j] * s;
             }
         }
         free(pattern);
     }
+    free(channel_spread);
     free(spread);
 }
 
-/* Backward of P = M * sigmoid(L) (whole matrices, contiguous (B, R, Cin*k)), with the logits L made again from
- * taps (Cout*k*k, K) and windows (B, Cin, K) as in fdconv_local_modulation, given P and grad = dLoss/dP:
- *   grad <- grad * sigmoid(L)                                   (= dLoss/dM, in place)
+/* Backward of P = M * sigmoid(L) * channel[b, i] (whole matrices, contiguous (B, R, Cin*k); channel may be
+ * null: factor 1), the logits L made again from taps (Cout*k*k, K) and windows (B, Cin, K) as in
+ * fdconv_local_modulation, given P and grad = dLoss/dP:
+ *   grad <- grad * sigmoid(L) * channel                          (= dLoss/dM, in place)
  *   per_tap[b, row, v] = sum_i P * dP  at column i*k + v         (B, R, k): filter and spatial gradients
+ *   channel_sums[b, i] = sum_{row, v} P * dP                     (B, Cin), if channel is given
  *   with dL = P * dP * (1 - sigmoid(L)):
  *   grad_taps[row*k + v, t] = sum_{b, i} dL * windows[b, i, t]  (Cout*k*k, K)
  *   grad_windows[b, i, t] = sum_{row, v} dL * taps[row*k + v, t] (B, Cin, K)
@@ -259,16 +265,20 @@ void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_
  * spread layout and reduced at the end. */
 extern "C"
 void fdconv_local_modulation_backward(const float *product, float *grad, const float *taps, const float *windows,
-                                      float *per_tap, float *grad_taps, float *grad_windows, int64_t batch,
-                                      int64_t rows, int64_t in_channels, int64_t k, int64_t taps_k) {
+                                      const float *channel, float *per_tap, float *grad_taps, float *grad_windows,
+                                      float *channel_sums, int64_t batch, int64_t rows, int64_t in_channels,
+                                      int64_t k, int64_t taps_k) {
     const int64_t cols = in_channels * k, block = LANES * k, spread_size = batch * taps_k * cols;
+    /* per thread: grad_windows in the spread layout, then (with channel) the column sums of P * dP */
+    const int64_t partial_size = spread_size + (channel ? batch * cols : 0);
     float *spread = spread_windows(windows, batch, in_channels, k, taps_k);
-    float *total = static_cast<float *>(calloc(spread_size, sizeof(float)));
+    float *channel_spread = channel ? spread_windows(channel, batch, in_channels, k, 1) : nullptr;
+    float *total = static_cast<float *>(calloc(partial_size, sizeof(float)));
 #pragma omp parallel if (batch * rows * cols > PARALLEL_WORK)
     {
         float *pattern = static_cast<float *>(malloc(sizeof(float) * taps_k * block));
         float *tap_acc = static_cast<float *>(malloc(sizeof(float) * (taps_k + 1) * block));
-        float *grad_spread = static_cast<float *>(calloc(spread_size, sizeof(float)));
+        float *grad_spread = static_cast<float *>(calloc(partial_size, sizeof(float)));
 #pragma omp for schedule(static)
         for (int64_t row = 0; row < rows; ++row) {
             for (int64_t t = 0; t < taps_k; ++t)
@@ -281,6 +291,8 @@ void fdconv_local_modulation_backward(const float *product, float *grad, const f
             for (int64_t b = 0; b < batch; ++b) {
                 const float *p = product + (b * rows + row) * cols, *win = spread + b * taps_k * cols;
                 float *g = grad + (b * rows + row) * cols, *gw = grad_spread + b * taps_k * cols;
+                const float *scale = channel_spread ? channel_spread + b * cols : nullptr;
+                float *column_sum = channel ? grad_spread + spread_size + b * cols : nullptr;
                 for (int64_t q = 0; q < block; ++q)
                     pdp_acc[q] = 0.0f;
                 int64_t j = 0, offset = 0;
@@ -290,7 +302,12 @@ void fdconv_local_modulation_backward(const float *product, float *grad, const f
                     for (int64_t t = 1; t < taps_k; ++t)
                         logit += load(pat + t * block) * load(win + t * cols + j);
                     const vfloat sig = vsigmoid(logit), dp = load(g + j), pdp = load(p + j) * dp;
-                    store(g + j, dp * sig);
+                    if (scale) {
+                        store(g + j, dp * sig * load(scale + j));
+                        store(column_sum + j, load(column_sum + j) + pdp);
+                    } else {
+                        store(g + j, dp * sig);
+                    }
                     store(pdp_acc + offset, load(pdp_acc + offset) + pdp);
                     const vfloat dl = pdp * (1.0f - sig);
                     for (int64_t t = 0; t < taps_k; ++t) {
@@ -303,8 +320,10 @@ void fdconv_local_modulation_backward(const float *product, float *grad, const f
                     float logit = 0.0f;
                     for (int64_t t = 0; t < taps_k; ++t)
                         logit += pattern[t * block + offset] * win[t * cols + j];
-                    const float sig = vsigmoid(splat(logit))[0], pdp = p[j] * g[j];
-                    g[j] *= sig;
+                    const float sig = sigmoid1(logit), pdp = p[j] * g[j];
+                    g[j] *= scale ? sig * scale[j] : sig;
+                    if (scale)
+                        column_sum[j] += pdp;
                     pdp_acc[offset] += pdp;
                     const float dl = pdp * (1.0f - sig);
                     for (int64_t t = 0; t < taps_k; ++t) {
@@ -323,7 +342,7 @@ void fdconv_local_modulation_backward(const float *product, float *grad, const f
                     grad_taps[(row * k + q % k) * taps_k + t] += tap_acc[t * block + q];
         }
 #pragma omp critical
-        for (int64_t q = 0; q < spread_size; ++q)
+        for (int64_t q = 0; q < partial_size; ++q)
             total[q] += grad_spread[q];
         free(grad_spread);
         free(tap_acc);
@@ -338,6 +357,15 @@ void fdconv_local_modulation_backward(const float *product, float *grad, const f
             grad_windows[(b * in_channels + i) * taps_k + t] = sum;
         }
     }
+    if (channel)
+        for (int64_t b = 0; b < batch; ++b)
+            for (int64_t i = 0; i < in_channels; ++i) {
+                float sum = 0.0f;
+                for (int64_t v = 0; v < k; ++v)
+                    sum += total[spread_size + b * cols + i * k + v];
+                channel_sums[b * in_channels + i] = sum;
+            }
     free(total);
+    free(channel_spread);
     free(spread);
 }

@@ -32,8 +32,8 @@ _SIGNATURES = {
     **{f'fdconv_scale_spectrum_{index}': [_P, _P, _P, _P, _I, _I, _I, _I] for index in ('u8', 'i32')},
     **{f'fdconv_spectrum_adjoint_{index}': [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I] for index in ('u8', 'i32')},
     'fdconv_transpose8': [_P, _P, _I, _I, _I, _I, _I, _I, _I],
-    'fdconv_local_modulation': [_P, _I, _I, _P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _I, _I],
-    'fdconv_local_modulation_backward': [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I],
+    'fdconv_local_modulation': [_P, _I, _I, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I],
+    'fdconv_local_modulation_backward': [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I],
 }
 
 
@@ -164,24 +164,27 @@ def local_modulation(
         sigmoid_out: torch.Tensor | None,
         taps: torch.Tensor,
         windows: torch.Tensor,
+        channel: torch.Tensor | None,
         kernel_size: int,
         first_row: int,
 ) -> None:
-    """out = matrix * sigmoid(L) for rows [first_row, first_row + rows) of the weight matrix, with the local
-    logits L made on the fly from ``taps`` (Cout*k*k, K) and ``windows`` (B, Cin, K); sigmoid(L) also goes to
-    ``sigmoid_out`` (laid out like ``out``) if given. matrix, out: (B, rows, Cin*k) views, unit column stride."""
+    """out = matrix * sigmoid(L) (* channel[b, i] if given) for rows [first_row, first_row + rows) of the weight
+    matrix, with the local logits L made on the fly from ``taps`` (Cout*k*k, K) and ``windows`` (B, Cin, K);
+    sigmoid(L) also goes to ``sigmoid_out`` (laid out like ``out``) if given. matrix, out: (B, rows, Cin*k)
+    views, unit column stride; channel (B, Cin) contiguous."""
     batch, rows, cols = matrix.shape
     in_channels, taps_k = windows.shape[1:]
     assert cols == in_channels * kernel_size and tuple(out.shape) == tuple(matrix.shape)
     assert matrix.stride(2) == 1 and out.stride(2) == 1
     _check_contiguous(taps=taps, windows=windows)
+    scale = _optional(channel, (batch, in_channels))
     sig = 0
     if sigmoid_out is not None:
         assert sigmoid_out.shape == out.shape and sigmoid_out.stride() == out.stride()
         sig = sigmoid_out.data_ptr()
     library().fdconv_local_modulation(
         matrix.data_ptr(), matrix.stride(1), matrix.stride(0), out.data_ptr(), sig, out.stride(1), out.stride(0),
-        taps.data_ptr(), windows.data_ptr(), batch, in_channels, kernel_size, taps_k, first_row, rows)
+        taps.data_ptr(), windows.data_ptr(), scale, batch, in_channels, kernel_size, taps_k, first_row, rows)
 
 
 def local_modulation_backward(
@@ -189,11 +192,13 @@ def local_modulation_backward(
         grad: torch.Tensor,
         taps: torch.Tensor,
         windows: torch.Tensor,
+        channel: torch.Tensor | None,
         kernel_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of P = M * sigmoid(L) over whole matrices (B, R, Cin*k), the logits made again on the fly.
-    Turns ``grad`` (dLoss/dP) into dLoss/dM in place and returns sum_i P*dP per (sample, row, v) (B, R, k),
-    and the gradients of the taps (Cout*k*k, K) and of the windows (B, Cin, K)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Backward of P = M * sigmoid(L) (* channel[b, i] if given) over whole matrices (B, R, Cin*k), the logits
+    made again on the fly. Turns ``grad`` (dLoss/dP) into dLoss/dM in place and returns sum_i P*dP per
+    (sample, row, v) (B, R, k), the gradients of the taps (Cout*k*k, K) and of the windows (B, Cin, K), and
+    sum_(row, v) P*dP per (sample, Cin) (None without ``channel``)."""
     batch, rows, _ = product.shape
     in_channels, taps_k = windows.shape[1:]
     _check_contiguous(product=product, grad=grad, taps=taps, windows=windows)
@@ -201,10 +206,22 @@ def local_modulation_backward(
     per_tap = torch.empty(batch, rows, kernel_size, dtype=product.dtype)
     grad_taps = torch.zeros(taps.shape, dtype=product.dtype)
     grad_windows = torch.empty(windows.shape, dtype=product.dtype)
+    scale = _optional(channel, (batch, in_channels))
+    channel_sums = None if channel is None else torch.empty(batch, in_channels, dtype=product.dtype)
     library().fdconv_local_modulation_backward(
-        product.data_ptr(), grad.data_ptr(), taps.data_ptr(), windows.data_ptr(), per_tap.data_ptr(),
-        grad_taps.data_ptr(), grad_windows.data_ptr(), batch, rows, in_channels, kernel_size, taps_k)
-    return per_tap, grad_taps, grad_windows
+        product.data_ptr(), grad.data_ptr(), taps.data_ptr(), windows.data_ptr(), scale, per_tap.data_ptr(),
+        grad_taps.data_ptr(), grad_windows.data_ptr(), 0 if channel_sums is None else channel_sums.data_ptr(),
+        batch, rows, in_channels, kernel_size, taps_k)
+    return per_tap, grad_taps, grad_windows, channel_sums
+
+
+def _optional(tensor: torch.Tensor | None, shape: tuple[int, ...]) -> int:
+    """Address of an optional contiguous tensor of ``shape`` (0, a null pointer, for None)."""
+    if tensor is None:
+        return 0
+    _check_contiguous(channel=tensor)
+    assert tuple(tensor.shape) == shape, (tuple(tensor.shape), shape)
+    return tensor.data_ptr()
 
 
 def _check_contiguous(**tensors: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ torch.compile) use plain tensor algebra and autograd (``_synthesize``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -31,6 +32,11 @@ from .ksm import GlobalAttention, KSMGlobal, KSMLocal
 from .workspace import scratch
 
 _Size2 = int | tuple[int, int]
+
+
+def _region(name: str) -> contextlib.AbstractContextManager:
+    """A named profiler region (the parts of ``fdconv-zoo bench --breakdown``); free when no profiler runs."""
+    return record_function(name) if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext()
 
 
 def _pair(value: _Size2, name: str) -> tuple[int, int]:
@@ -118,7 +124,7 @@ class _FrequencyDynamicLayer(nn.Module):
     def _attention(self, pooled: torch.Tensor) -> tuple[GlobalAttention, torch.Tensor | None]:
         """Pooled input (B, Cin) -> global attention and the local branch's input windows (or None)."""
         pooled = pooled.to(self.ksm_global.fc.weight.dtype)
-        with record_function('fdconv.ksm'):
+        with _region('fdconv.ksm'):
             att = self.ksm_global(pooled)
             windows = self.ksm_local.windows(pooled) if self.ksm_local is not None else None
         return att, windows
@@ -209,16 +215,16 @@ class _FrequencyDynamicLayer(nn.Module):
     def _dynamic_forward(self, x: torch.Tensor) -> torch.Tensor:
         att, windows = self._attention(self._pool(x))
         fast = self._fast_path()
-        with record_function('fdconv.synthesis'):
+        with _region('fdconv.synthesis'):
             folds_channel = fast and self._folds_channel(x.device)
             if fast:
                 att = self._fold_local_scale(att)
                 product, _ = self._fast_product(att.kernel, windows, att.channel if folds_channel else None)
             else:
                 kernels = self._synthesize(att, windows)
-        with record_function('fdconv.fbm'):
+        with _region('fdconv.fbm'):
             inp = self._kernel_input(x, None if folds_channel else att.channel)
-        with record_function('fdconv.conv'):
+        with _region('fdconv.conv'):
             if fast:
                 y = self._apply_product(inp, product.to(x.dtype), att.spatial)
             else:

@@ -80,18 +80,20 @@ class KSMGlobal(nn.Module):
             nn.init.constant_(head.bias, _identity_logit(self.att_multi, self.temperature))
         nn.init.zeros_(self.kernel_fc.bias)  # 2 * sigmoid(0) == 1 whatever att_multi is
 
-    def _attention(self, head: nn.Linear | None, hidden: torch.Tensor) -> torch.Tensor | None:
-        if head is None:
-            return None
-        return self.att_multi * torch.sigmoid(head(hidden) / self.temperature)
-
     def forward(self, pooled: torch.Tensor) -> GlobalAttention:
         hidden = self.act(self.fc(pooled))
+        # the four heads as one matrix product and two sigmoids: a few small ops instead of sixteen
+        heads = self.heads()
+        logits = F.linear(hidden, torch.cat([h.weight for h in heads]), torch.cat([h.bias for h in heads]))
+        num_groups = self.kernel_fc.out_features
+        att = self.att_multi * torch.sigmoid(logits[:, :-num_groups] / self.temperature)
+        kernel = 2.0 * torch.sigmoid(logits[:, -num_groups:] / self.kernel_temperature)
+        parts = iter(att.split([h.out_features for h in heads[:-1]], dim=1))
         return GlobalAttention(
-            channel=self._attention(self.channel_fc, hidden),
-            filter=self._attention(self.filter_fc, hidden),
-            spatial=self._attention(self.spatial_fc, hidden),
-            kernel=2.0 * torch.sigmoid(self.kernel_fc(hidden) / self.kernel_temperature),
+            channel=next(parts),
+            filter=next(parts) if self.filter_fc is not None else None,
+            spatial=next(parts) if self.spatial_fc is not None else None,
+            kernel=kernel,
         )
 
 

@@ -164,29 +164,22 @@ class _FrequencyDynamicLayer(nn.Module):
             windows: torch.Tensor | None,
             channel: torch.Tensor | None = None,
             keep_local: bool = False,
-            spatial_kernels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """groups = 1, no autograd: P = M * sigmoid(L) in FDW's weight-matrix layout (B, Cout*k, Cin*k) (fresh,
         or scratch memory when the FFT ran on slices), times the channel attention if given (only where
         ``_folds_channel``), in the fewest passes over B x |W| floats, and, if ``keep_local`` (for the
-        backward), sigmoid(L) in scratch memory (None without the local branch). With ``spatial_kernels`` (the
-        spatial attention (B, k*k); only where ``_folds_channel``) the product comes as kernels
-        (B, Cout, Cin, k, k) in scratch memory, in a convolution weight's layout and times the spatial attention.
+        backward), sigmoid(L) in scratch memory (None without the local branch).
 
         The layout is the one the inverse FFT writes, so the products are contiguous and vectorise. The spatial
         attention and the local att_multi are applied later, where they are cheapest (see ``_apply_product``).
         """
-        local = modulate = kernels = None
+        local = modulate = None
         if self.ksm_local is not None:  # FDW multiplies each slice of M by sigmoid(L) as it makes it
-            b, dtype, device = kernel_att.shape[0], fft_dtype(self.fdw.spectrum.dtype), kernel_att.device
+            b, dtype = kernel_att.shape[0], fft_dtype(self.fdw.spectrum.dtype)
             if keep_local:
-                local = scratch('ksm.local', (b, self.fdw.rows, self.fdw.cols), device, dtype)
-            if spatial_kernels is not None:
-                kernels = scratch('fdconv.kernel', (b, *self.fdw.weight_shape), device, dtype)
-                spatial_kernels = spatial_kernels.to(dtype).contiguous()
-            modulate = self.ksm_local.modulation(windows, dtype, local, channel, kernels, spatial_kernels)
-        matrices = self.fdw.synthesize(kernel_att, modulate)
-        return (matrices if kernels is None else kernels), local
+                local = scratch('ksm.local', (b, self.fdw.rows, self.fdw.cols), kernel_att.device, dtype)
+            modulate = self.ksm_local.modulation(windows, dtype, local, channel)
+        return self.fdw.synthesize(kernel_att, modulate), local
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """The KSM statistics: per-sample mean of the input (B, Cin), in the FFT dtype."""
@@ -202,14 +195,8 @@ class _FrequencyDynamicLayer(nn.Module):
         at ``self._channel_dim``."""
         raise NotImplementedError
 
-    def _convolves(self, inp: torch.Tensor) -> bool:
-        """Whether :meth:`_apply_product` runs a convolution with k > 1 on ``inp`` (so wants the kernels in a
-        convolution weight's layout)."""
-        return False
-
     def _apply_product(self, inp: torch.Tensor, product: torch.Tensor, spatial: torch.Tensor | None) -> torch.Tensor:
-        """Fast path (groups = 1): the same with the kernels given as P (B, Cout*k, Cin*k) and s (B, k*k), or
-        as kernels (B, Cout, Cin, k, k) with s applied (what ``_fast_product`` gives where ``_convolves``)."""
+        """Fast path (groups = 1): the same with the kernels given as P (B, Cout*k, Cin*k) and s (B, k*k)."""
         return self._apply_kernels(inp, product.view(product.shape[0], self.out_channels, self.in_channels, 1, 1))
 
     def _apply_product_backward(
@@ -228,19 +215,15 @@ class _FrequencyDynamicLayer(nn.Module):
     def _dynamic_forward(self, x: torch.Tensor) -> torch.Tensor:
         att, windows = self._attention(self._pool(x))
         fast = self._fast_path()
-        folds_channel = fast and self._folds_channel(x.device)
-        if fast:
-            att = self._fold_local_scale(att)
-        with _region('fdconv.fbm'):
-            inp = self._kernel_input(x, None if folds_channel else att.channel)
         with _region('fdconv.synthesis'):
+            folds_channel = fast and self._folds_channel(x.device)
             if fast:
-                # the fused loops can hand the kernels over in a convolution weight's layout, spatial attention in
-                spatial = att.spatial if folds_channel and self._convolves(inp) else None
-                product, _ = self._fast_product(
-                    att.kernel, windows, att.channel if folds_channel else None, spatial_kernels=spatial)
+                att = self._fold_local_scale(att)
+                product, _ = self._fast_product(att.kernel, windows, att.channel if folds_channel else None)
             else:
                 kernels = self._synthesize(att, windows)
+        with _region('fdconv.fbm'):
+            inp = self._kernel_input(x, None if folds_channel else att.channel)
         with _region('fdconv.conv'):
             if fast:
                 y = self._apply_product(inp, product.to(x.dtype), att.spatial)
@@ -539,16 +522,12 @@ class FDConv2d(_FrequencyDynamicLayer):
         return self.kernel_size == (1, 1) and self.groups == 1 and self._explicit_padding() == ((0, 0), None)
 
     def _uses_unfold(self, inp: torch.Tensor) -> bool:
-        """Small maps (at most Cout output positions, e.g. ResNet stages 3 and 4) and B > 1: im2col and one
-        batched matrix product beat the grouped convolution there, where the per-sample kernels outweigh the
-        activations. At B = 1 the convolution is a plain one, and faster."""
-        if self.groups != 1 or self.kernel_size == (1, 1) or inp.shape[0] == 1:
+        """Small maps (at most Cout output positions, e.g. ResNet stages 3 and 4): im2col and one batched matrix
+        product beat the grouped convolution there, where the per-sample kernels outweigh the activations."""
+        if self.groups != 1 or self.kernel_size == (1, 1):
             return False
         ho, wo = self._output_size(inp)
         return ho * wo <= self.out_channels
-
-    def _convolves(self, inp: torch.Tensor) -> bool:
-        return self.kernel_size[0] > 1 and not self._uses_unfold(inp)
 
     def _output_size(self, inp: torch.Tensor) -> tuple[int, int]:
         padding, _ = self._explicit_padding()
@@ -613,8 +592,6 @@ class FDConv2d(_FrequencyDynamicLayer):
         return scaled.view(b, k * cin * k, -1), cols
 
     def _apply_product(self, inp: torch.Tensor, product: torch.Tensor, spatial: torch.Tensor | None) -> torch.Tensor:
-        if product.ndim == 5:  # already kernels, spatial attention applied
-            return self._apply_kernels(inp, product)
         if self._uses_matmul():
             return self._apply_kernels(inp, product)
         if self._uses_unfold(inp):

@@ -175,15 +175,12 @@ class KSMLocal(nn.Module):
             dtype: torch.dtype,
             sigmoid_out: torch.Tensor | None,
             channel: torch.Tensor | None = None,
-            kernels: torch.Tensor | None = None,
-            spatial: torch.Tensor | None = None,
     ) -> Modulation:
         """groups = 1: the product with sigmoid(L) in FDW's weight-matrix layout, for ``FDW.synthesize`` to apply
         slice by slice; sigmoid(L) also goes to ``sigmoid_out`` (B, Cout*k, Cin*k) if given. In float32 on the
         CPU the fused loop makes the logits on the fly (no B x |W| logits tensor, one pass) and can multiply by
-        a channel attention (B, Cin) on the way, and write the result into ``kernels`` (B, Cout, Cin, k, k), a
-        convolution weight's layout, times ``spatial`` (B, k*k) instead of into the matrices; otherwise sigmoid(L)
-        is made first, in ``sigmoid_out`` or scratch memory (and ``channel`` and ``kernels`` must be None)."""
+        a channel attention (B, Cin) on the way; otherwise sigmoid(L) is made first, in ``sigmoid_out`` or
+        scratch memory (and ``channel`` must be None)."""
         taps = self.conv.weight.detach().to(dtype).view(-1, self.conv_size)
         windows = windows.to(dtype).contiguous()
         k, rows, cols = self.kernel_size, self.out_channels * self.kernel_size, self.in_channels * self.kernel_size
@@ -192,10 +189,10 @@ class KSMLocal(nn.Module):
 
             def fused(part: torch.Tensor, out: torch.Tensor, first_row: int) -> None:
                 sig = None if sigmoid_out is None else sigmoid_out[:, first_row:first_row + part.shape[1]]
-                native.local_modulation(part, out, sig, taps, windows, channel, k, first_row, kernels, spatial)
+                native.local_modulation(part, out, sig, taps, windows, channel, k, first_row)
             return fused
-        if channel is not None or kernels is not None:
-            raise ValueError("only the fused CPU loops fold the channel attention or write kernels")
+        if channel is not None:
+            raise ValueError("only the fused CPU loops fold the channel attention into the kernels")
         if sigmoid_out is None:
             sigmoid_out = scratch('ksm.local', (windows.shape[0], rows, cols), windows.device, dtype)
         self.matrix_logits(windows, out=sigmoid_out).sigmoid_()

@@ -193,9 +193,7 @@ void fdconv_transpose8(const uint64_t *src, uint64_t *dst, int64_t batch, int64_
 /* Local modulation in FDW's weight-matrix layout, for rows [row_begin, row_begin + n_rows) of every sample:
  *   logit[b, (o,u), (i,v)] = sum_t taps[(o*k + u)*k + v, t] * windows[b, i, t]
  *   out[b, row, col] = matrix[b, row, col] * sigmoid(logit) * channel[b, i]
- * (channel may be null: factor 1), and sigmoid(logit) to `sigmoid_out` if given. With `kernels` (B, Cout, Cin,
- * k, k) the values go there instead of to `out`, in the layout of a convolution's weight and times
- * spatial[b, u, v] (B, k*k): no separate pass to reorder them. taps (Cout*k*k, K), windows
+ * (channel may be null: factor 1), and sigmoid(logit) to `sigmoid_out` if given. taps (Cout*k*k, K), windows
  * and channel (B, Cin, K) and (B, Cin); matrix and out/sigmoid_out point at the first row of the slice,
  * rows `*_row_stride` apart and samples `*_batch_stride` apart (the slice may be in (rows, B) order).
  * The logits are made 16*k columns at a time: the tap pattern of a row repeats every k columns, so a block
@@ -203,9 +201,8 @@ void fdconv_transpose8(const uint64_t *src, uint64_t *dst, int64_t batch, int64_
 extern "C"
 void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_t src_batch_stride, float *out,
                              float *sigmoid_out, int64_t dst_row_stride, int64_t dst_batch_stride,
-                             const float *taps, const float *windows, const float *channel, float *kernels,
-                             const float *spatial, int64_t batch, int64_t out_channels, int64_t in_channels,
-                             int64_t k, int64_t taps_k, int64_t row_begin, int64_t n_rows) {
+                             const float *taps, const float *windows, const float *channel, int64_t batch,
+                             int64_t in_channels, int64_t k, int64_t taps_k, int64_t row_begin, int64_t n_rows) {
     const int64_t cols = in_channels * k, block = LANES * k;
     float *spread = spread_windows(windows, batch, in_channels, k, taps_k);
     float *channel_spread = channel ? spread_windows(channel, batch, in_channels, k, 1) : nullptr;
@@ -228,10 +225,6 @@ void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_
             float *sig = sigmoid_out ? sigmoid_out + b * dst_batch_stride + r * dst_row_stride : nullptr;
             const float *win = spread + b * taps_k * cols;
             const float *scale = channel_spread ? channel_spread + b * cols : nullptr;
-            /* kernel order: row (o, u), column (i, v) -> [b, o, i, u, v], times spatial[b, u, v] */
-            const int64_t o = row / k, u = row % k;
-            float *kernel_row = kernels ? kernels + ((b * out_channels + o) * in_channels * k + u) * k : nullptr;
-            const float *spatial_row = kernels ? spatial + (b * k + u) * k : nullptr;
             int64_t j = 0, offset = 0;  /* offset = j % block */
             for (; j + LANES <= cols; j += LANES, offset = offset + LANES == block ? 0 : offset + LANES) {
                 const float *pat = pattern + offset;  /* fixed-width steps of LANES values */
@@ -241,19 +234,7 @@ void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_
                 acc = vsigmoid(acc);
                 if (sig)
                     store(sig + j, acc);
-                const vfloat value = scale ? load(src + j) * acc * load(scale + j) : load(src + j) * acc;
-                if (kernel_row) {
-                    int64_t i = j / k, v = j % k;
-                    for (int q = 0; q < LANES; ++q) {
-                        kernel_row[i * k * k + v] = value[q] * spatial_row[v];
-                        if (++v == k) {
-                            v = 0;
-                            ++i;
-                        }
-                    }
-                } else {
-                    store(dst + j, value);
-                }
+                store(dst + j, scale ? load(src + j) * acc * load(scale + j) : load(src + j) * acc);
             }
             for (; j < cols; ++j) {
                 float s = 0.0f;
@@ -262,11 +243,7 @@ void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_
                 s = sigmoid1(s);
                 if (sig)
                     sig[j] = s;
-                const float value = scale ? src[j] * s * scale[j] : src[j] * s;
-                if (kernel_row)
-                    kernel_row[j / k * k * k + j % k] = value * spatial_row[j % k];
-                else
-                    dst[j] = value;
+                dst[j] = scale ? src[j] * s * scale[j] : src[j] * s;
             }
         }
         free(pattern);

@@ -32,7 +32,7 @@ _SIGNATURES = {
     **{f'fdconv_scale_spectrum_{index}': [_P, _P, _P, _P, _I, _I, _I, _I] for index in ('u8', 'i32')},
     **{f'fdconv_spectrum_adjoint_{index}': [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I] for index in ('u8', 'i32')},
     'fdconv_transpose8': [_P, _P, _I, _I, _I, _I, _I, _I, _I],
-    'fdconv_local_modulation': [_P, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I],
+    'fdconv_local_modulation': [_P, _I, _I, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I],
     'fdconv_local_modulation_backward': [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I],
 }
 
@@ -167,31 +167,24 @@ def local_modulation(
         channel: torch.Tensor | None,
         kernel_size: int,
         first_row: int,
-        kernels: torch.Tensor | None = None,
-        spatial: torch.Tensor | None = None,
 ) -> None:
     """out = matrix * sigmoid(L) (* channel[b, i] if given) for rows [first_row, first_row + rows) of the weight
     matrix, with the local logits L made on the fly from ``taps`` (Cout*k*k, K) and ``windows`` (B, Cin, K);
     sigmoid(L) also goes to ``sigmoid_out`` (laid out like ``out``) if given. matrix, out: (B, rows, Cin*k)
-    views, unit column stride; channel (B, Cin) contiguous. With ``kernels`` (B, Cout, Cin, k, k) the values go
-    there instead of to ``out``, in a convolution weight's layout and times ``spatial`` (B, k*k)."""
+    views, unit column stride; channel (B, Cin) contiguous."""
     batch, rows, cols = matrix.shape
     in_channels, taps_k = windows.shape[1:]
     assert cols == in_channels * kernel_size and tuple(out.shape) == tuple(matrix.shape)
     assert matrix.stride(2) == 1 and out.stride(2) == 1
     _check_contiguous(taps=taps, windows=windows)
-    scale = _optional('channel', channel, (batch, in_channels))
-    out_channels = taps.shape[0] // kernel_size ** 2
-    kernel_out = _optional('kernels', kernels, (batch, out_channels, in_channels, kernel_size, kernel_size))
-    spatial_scale = _optional('spatial', spatial, (batch, kernel_size ** 2)) if kernels is not None else 0
+    scale = _optional(channel, (batch, in_channels))
     sig = 0
     if sigmoid_out is not None:
         assert sigmoid_out.shape == out.shape and sigmoid_out.stride() == out.stride()
         sig = sigmoid_out.data_ptr()
     library().fdconv_local_modulation(
         matrix.data_ptr(), matrix.stride(1), matrix.stride(0), out.data_ptr(), sig, out.stride(1), out.stride(0),
-        taps.data_ptr(), windows.data_ptr(), scale, kernel_out, spatial_scale, batch, out_channels, in_channels,
-        kernel_size, taps_k, first_row, rows)
+        taps.data_ptr(), windows.data_ptr(), scale, batch, in_channels, kernel_size, taps_k, first_row, rows)
 
 
 def local_modulation_backward(
@@ -213,7 +206,7 @@ def local_modulation_backward(
     per_tap = torch.empty(batch, rows, kernel_size, dtype=product.dtype)
     grad_taps = torch.zeros(taps.shape, dtype=product.dtype)
     grad_windows = torch.empty(windows.shape, dtype=product.dtype)
-    scale = _optional('channel', channel, (batch, in_channels))
+    scale = _optional(channel, (batch, in_channels))
     channel_sums = None if channel is None else torch.empty(batch, in_channels, dtype=product.dtype)
     library().fdconv_local_modulation_backward(
         product.data_ptr(), grad.data_ptr(), taps.data_ptr(), windows.data_ptr(), scale, per_tap.data_ptr(),
@@ -222,13 +215,12 @@ def local_modulation_backward(
     return per_tap, grad_taps, grad_windows, channel_sums
 
 
-def _optional(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> int:
+def _optional(tensor: torch.Tensor | None, shape: tuple[int, ...]) -> int:
     """Address of an optional contiguous tensor of ``shape`` (0, a null pointer, for None)."""
     if tensor is None:
         return 0
-    _check_contiguous(**{name: tensor})
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+    _check_contiguous(channel=tensor)
+    assert tuple(tensor.shape) == shape, (tuple(tensor.shape), shape)
     return tensor.data_ptr()
 
 

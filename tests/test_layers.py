@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 
 import pytest
@@ -207,15 +208,16 @@ def test_sliced_transforms_match_autograd(monkeypatch, slice_bytes, loops):
 
 
 def test_fused_loops_match_torch_code(monkeypatch):
-    """The fused CPU loops and the PyTorch code give the same kernels and gradients (inference and training,
-    rows of 16*k values and ragged tails, uint8 and int32 group indices)."""
+    """The fused CPU loops and the PyTorch code give the same outputs and gradients (inference and training,
+    batch 1 and 2, rows of 16*k values and ragged tails, uint8 and int32 group indices; the fused path folds
+    the channel attention into the kernels)."""
     torch.manual_seed(3)
     layers = [FDConv2d(33, 20, 3, padding=1, num_freq_groups=5), FDConv2d(64, 48, 1, num_freq_groups=7),
               FDConv2d(16, 24, 2, padding='same', num_freq_groups=4), FDLinear(20, 36, num_freq_groups=6),
               FDConv2d(20, 40, 3, padding=1, num_freq_groups=300)]  # n > 256: int32 group index
-    for layer in layers:
+    for layer, batch in itertools.product(layers, (1, 2)):
         randomize_(layer, scale=0.3)
-        shape = (2, 5, layer.in_features) if isinstance(layer, FDLinear) else (2, layer.in_channels, 7, 6)
+        shape = (batch, 5, layer.in_features) if isinstance(layer, FDLinear) else (batch, layer.in_channels, 7, 6)
         x = torch.randn(shape)
         results = []
         for lib in (native.library(), None):

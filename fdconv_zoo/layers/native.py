@@ -177,7 +177,7 @@ def local_modulation(
     assert cols == in_channels * kernel_size and tuple(out.shape) == tuple(matrix.shape)
     assert matrix.stride(2) == 1 and out.stride(2) == 1
     _check_contiguous(taps=taps, windows=windows)
-    scale = _optional(channel, (batch, in_channels))
+    scale = _optional('channel', channel, (batch, in_channels))
     sig = 0
     if sigmoid_out is not None:
         assert sigmoid_out.shape == out.shape and sigmoid_out.stride() == out.stride()
@@ -206,7 +206,7 @@ def local_modulation_backward(
     per_tap = torch.empty(batch, rows, kernel_size, dtype=product.dtype)
     grad_taps = torch.zeros(taps.shape, dtype=product.dtype)
     grad_windows = torch.empty(windows.shape, dtype=product.dtype)
-    scale = _optional(channel, (batch, in_channels))
+    scale = _optional('channel', channel, (batch, in_channels))
     channel_sums = None if channel is None else torch.empty(batch, in_channels, dtype=product.dtype)
     library().fdconv_local_modulation_backward(
         product.data_ptr(), grad.data_ptr(), taps.data_ptr(), windows.data_ptr(), scale, per_tap.data_ptr(),
@@ -215,12 +215,13 @@ def local_modulation_backward(
     return per_tap, grad_taps, grad_windows, channel_sums
 
 
-def _optional(tensor: torch.Tensor | None, shape: tuple[int, ...]) -> int:
+def _optional(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> int:
     """Address of an optional contiguous tensor of ``shape`` (0, a null pointer, for None)."""
     if tensor is None:
         return 0
-    _check_contiguous(channel=tensor)
-    assert tuple(tensor.shape) == shape, (tuple(tensor.shape), shape)
+    _check_contiguous(**{name: tensor})
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
     return tensor.data_ptr()
 
 

@@ -252,6 +252,79 @@ void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_
     free(spread);
 }
 
+/* One (row, sample) of fdconv_local_modulation_backward. The columns are taken phase by phase (the columns
+ * j = phase*LANES + m*block share one slice of the tap pattern), so the pattern and the tap-gradient
+ * accumulators of a phase stay in registers; TAPS is K when known at compile time (0: any K up to 32). */
+template <int TAPS>
+static void backward_row(int64_t taps_k, const float *pattern, int64_t block, int64_t cols,
+                         const float *p, float *g, const float *win, float *gw, const float *scale,
+                         float *column_sum, float *tap_acc, float *pdp_acc) {
+    constexpr int kMax = TAPS ? TAPS : 32;
+    const int64_t n_taps = TAPS ? TAPS : taps_k;
+    vfloat pat[kMax], acc[kMax];  /* per phase: the taps and their gradient sums */
+    for (int64_t offset = 0; offset < block; offset += LANES) {
+        for (int64_t t = 0; t < n_taps; ++t) {
+            pat[t] = load(pattern + t * block + offset);
+            acc[t] = load(tap_acc + t * block + offset);
+        }
+        vfloat pdp_sum = load(pdp_acc + offset);
+        for (int64_t j = offset; j + LANES <= cols; j += block) {
+            vfloat w[kMax] = {};
+            for (int64_t t = 0; t < n_taps; ++t)
+                w[t] = load(win + t * cols + j);
+            vfloat logit = pat[0] * w[0];
+            for (int64_t t = 1; t < n_taps; ++t)
+                logit += pat[t] * w[t];
+            const vfloat sig = vsigmoid(logit), dp = load(g + j), pdp = load(p + j) * dp;
+            if (scale) {
+                store(g + j, dp * sig * load(scale + j));
+                store(column_sum + j, load(column_sum + j) + pdp);
+            } else {
+                store(g + j, dp * sig);
+            }
+            pdp_sum += pdp;
+            const vfloat dl = pdp * (1.0f - sig);
+            for (int64_t t = 0; t < n_taps; ++t) {
+                acc[t] += dl * w[t];
+                store(gw + t * cols + j, load(gw + t * cols + j) + dl * pat[t]);
+            }
+        }
+        for (int64_t t = 0; t < n_taps; ++t)
+            store(tap_acc + t * block + offset, acc[t]);
+        store(pdp_acc + offset, pdp_sum);
+    }
+    for (int64_t j = cols / LANES * LANES; j < cols; ++j) {  /* the last partial vector, value by value */
+        const int64_t offset = j % block;
+        float logit = 0.0f;
+        for (int64_t t = 0; t < n_taps; ++t)
+            logit += pattern[t * block + offset] * win[t * cols + j];
+        const float sig = sigmoid1(logit), pdp = p[j] * g[j];
+        g[j] *= scale ? sig * scale[j] : sig;
+        if (scale)
+            column_sum[j] += pdp;
+        pdp_acc[offset] += pdp;
+        const float dl = pdp * (1.0f - sig);
+        for (int64_t t = 0; t < n_taps; ++t) {
+            tap_acc[t * block + offset] += dl * win[t * cols + j];
+            gw[t * cols + j] += dl * pattern[t * block + offset];
+        }
+    }
+}
+
+static void backward_dispatch(int64_t taps_k, const float *pattern, int64_t block, int64_t cols,
+                              const float *p, float *g, const float *win, float *gw, const float *scale,
+                              float *column_sum, float *tap_acc, float *pdp_acc) {
+    switch (taps_k) {  /* the local branch's K: 5 for 64..512 input channels, 7 for 1024..2048 */
+        case 3: return backward_row<3>(3, pattern, block, cols, p, g, win, gw, scale, column_sum, tap_acc, pdp_acc);
+        case 5: return backward_row<5>(5, pattern, block, cols, p, g, win, gw, scale, column_sum, tap_acc, pdp_acc);
+        case 7: return backward_row<7>(7, pattern, block, cols, p, g, win, gw, scale, column_sum, tap_acc, pdp_acc);
+        case 9: return backward_row<9>(9, pattern, block, cols, p, g, win, gw, scale, column_sum, tap_acc, pdp_acc);
+        default:
+            return backward_row<0>(taps_k, pattern, block, cols, p, g, win, gw, scale, column_sum, tap_acc,
+                                   pdp_acc);
+    }
+}
+
 /* Backward of P = M * sigmoid(L) * channel[b, i] (whole matrices, contiguous (B, R, Cin*k); channel may be
  * null: factor 1), the logits L made again from taps (Cout*k*k, K) and windows (B, Cin, K) as in
  * fdconv_local_modulation, given P and grad = dLoss/dP:
@@ -295,42 +368,7 @@ void fdconv_local_modulation_backward(const float *product, float *grad, const f
                 float *column_sum = channel ? grad_spread + spread_size + b * cols : nullptr;
                 for (int64_t q = 0; q < block; ++q)
                     pdp_acc[q] = 0.0f;
-                int64_t j = 0, offset = 0;
-                for (; j + LANES <= cols; j += LANES, offset = offset + LANES == block ? 0 : offset + LANES) {
-                    const float *pat = pattern + offset;
-                    vfloat logit = load(pat) * load(win + j);
-                    for (int64_t t = 1; t < taps_k; ++t)
-                        logit += load(pat + t * block) * load(win + t * cols + j);
-                    const vfloat sig = vsigmoid(logit), dp = load(g + j), pdp = load(p + j) * dp;
-                    if (scale) {
-                        store(g + j, dp * sig * load(scale + j));
-                        store(column_sum + j, load(column_sum + j) + pdp);
-                    } else {
-                        store(g + j, dp * sig);
-                    }
-                    store(pdp_acc + offset, load(pdp_acc + offset) + pdp);
-                    const vfloat dl = pdp * (1.0f - sig);
-                    for (int64_t t = 0; t < taps_k; ++t) {
-                        float *acc = tap_acc + t * block + offset, *gwt = gw + t * cols + j;
-                        store(acc, load(acc) + dl * load(win + t * cols + j));
-                        store(gwt, load(gwt) + dl * load(pat + t * block));
-                    }
-                }
-                for (; j < cols; ++j, offset = offset + 1 == block ? 0 : offset + 1) {
-                    float logit = 0.0f;
-                    for (int64_t t = 0; t < taps_k; ++t)
-                        logit += pattern[t * block + offset] * win[t * cols + j];
-                    const float sig = sigmoid1(logit), pdp = p[j] * g[j];
-                    g[j] *= scale ? sig * scale[j] : sig;
-                    if (scale)
-                        column_sum[j] += pdp;
-                    pdp_acc[offset] += pdp;
-                    const float dl = pdp * (1.0f - sig);
-                    for (int64_t t = 0; t < taps_k; ++t) {
-                        tap_acc[t * block + offset] += dl * win[t * cols + j];
-                        gw[t * cols + j] += dl * pattern[t * block + offset];
-                    }
-                }
+                backward_dispatch(taps_k, pattern, block, cols, p, g, win, gw, scale, column_sum, tap_acc, pdp_acc);
                 float *tap = per_tap + (b * rows + row) * k;
                 for (int64_t v = 0; v < k; ++v)
                     tap[v] = 0.0f;

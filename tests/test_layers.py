@@ -214,7 +214,8 @@ def test_fused_loops_match_torch_code(monkeypatch):
     torch.manual_seed(3)
     layers = [FDConv2d(33, 20, 3, padding=1, num_freq_groups=5), FDConv2d(64, 48, 1, num_freq_groups=7),
               FDConv2d(16, 24, 2, padding='same', num_freq_groups=4), FDLinear(20, 36, num_freq_groups=6),
-              FDConv2d(20, 40, 3, padding=1, num_freq_groups=300)]  # n > 256: int32 group index
+              FDConv2d(20, 40, 3, padding=1, num_freq_groups=300),  # n > 256: int32 group index
+              FDConv2d(3, 24, 7, padding=3, num_freq_groups=8)]  # local branch K = 1: no compile-time K
     for layer, batch in itertools.product(layers, (1, 2)):
         randomize_(layer, scale=0.3)
         shape = (batch, 5, layer.in_features) if isinstance(layer, FDLinear) else (batch, layer.in_channels, 7, 6)

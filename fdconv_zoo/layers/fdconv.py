@@ -3,7 +3,8 @@
 ``FDConv2d`` is a drop-in for ``nn.Conv2d`` and ``FDLinear`` for ``nn.Linear`` on token inputs (..., Cin).
 Each sample gets its own kernel: FDW synthesises it from the spectrum and per-group attention, KSM scales it
 per channel, filter, kernel position and element; FBM (3x3 layers) re-weights the input's frequency bands.
-Channel and filter attention are applied to the activations, which is the same as scaling the kernel.
+Filter attention scales the output and channel attention the input (on the fused CPU path it is folded into
+the kernels instead, where it is free), which is the same as scaling the kernel.
 
 Speed (groups = 1): without autograd the B x |W| work runs in FDW's weight-matrix layout in scratch memory
 (``_fast_product``) and the kernels are applied in the layout they are made in (``_apply_product``); training
@@ -544,11 +545,9 @@ class FDConv2d(_FrequencyDynamicLayer):
 
     def _kernel_input(self, x: torch.Tensor, channel: torch.Tensor | None) -> torch.Tensor:
         inp = self.fbm(x) if self.fbm is not None else x
-        if channel is None:
-            pass
-        elif torch.is_grad_enabled() or inp is x:
+        if channel is not None and (torch.is_grad_enabled() or inp is x):
             inp = inp * channel[:, :, None, None].to(inp.dtype)
-        else:  # FBM output is fresh
+        elif channel is not None:  # FBM output is fresh
             inp.mul_(channel[:, :, None, None].to(inp.dtype))
         inp = inp.to(x.dtype)
         _, pre_pad = self._explicit_padding()

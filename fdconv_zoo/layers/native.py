@@ -41,7 +41,7 @@ def _cpu_signature() -> str:
     """What the compiled code depends on besides the source: the CPU's instruction set extensions."""
     try:
         with open('/proc/cpuinfo') as f:
-            return next((line for line in f if line.startswith('flags')), '')
+            return next((line for line in f if line.startswith(('flags', 'Features'))), '')
     except OSError:
         return platform.processor()
 

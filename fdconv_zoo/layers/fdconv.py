@@ -172,7 +172,8 @@ class _FrequencyDynamicLayer(nn.Module):
         backward), sigmoid(L) in scratch memory (None without the local branch).
 
         The layout is the one the inverse FFT writes, so the products are contiguous and vectorise. The spatial
-        attention and the local att_multi are applied later, where they are cheapest (see ``_apply_product``).
+        attention is applied later, where it is cheapest (see ``_apply_product``); the local att_multi travels
+        with the channel attention (``_fold_local_scale``).
         """
         local = modulate = None
         if self.ksm_local is not None:  # FDW multiplies each slice of M by sigmoid(L) as it makes it

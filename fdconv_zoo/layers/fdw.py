@@ -202,7 +202,7 @@ class FourierDisjointWeight(nn.Module):
         fused = native.usable(spectrum, attention)
         if fused:
             native.scale_spectrum(spectrum, self._column_major_groups()[1], attention, spec)
-        else:  # the per-bin scales stay in scratch memory for gradient()
+        else:  # per-bin scales gathered from the groups, then two strided products
             scale = scratch('fdw.scale', (b, half, rows), device, dtype)
             torch.gather(attention, 1, self._groups_by_column().expand(b, -1), out=scale.view(b, -1))
             _scale_pairs(spectrum.unsqueeze(1), scale.transpose(0, 1), out=spec)

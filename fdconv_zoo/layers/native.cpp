@@ -1,10 +1,11 @@
 /* Fused CPU loops for FDConv's kernel synthesis (float32, contiguous memory, OpenMP threads).
  *
  * Each function replaces several PyTorch operations that would each make a pass over B x |W| values:
- * the per-group scaling of the spectrum (a gather and two strided products), the transposition between the
- * two 1-D inverse FFTs (a strided copy), and the local modulation (a batched product for the logits, a
- * sigmoid and a product). Built and loaded by native.py; the PyTorch code in fdw.py / fdconv.py computes the
- * same values and is used where this library is not available.
+ * the per-group scaling of the spectrum (a gather and two strided products) and its adjoint, the
+ * transposition between the two 1-D inverse FFTs (a strided copy), and the local modulation (a batched
+ * product for the logits, a sigmoid and a product) and its backward. Built and loaded by native.py; the
+ * PyTorch code in fdw.py / ksm.py / fdconv.py computes the same values and is used where this library is not
+ * available.
  */
 #include <cmath>
 #include <cstdint>
@@ -71,6 +72,26 @@ static float *spread_windows(const float *windows, int64_t batch, int64_t in_cha
     return spread;
 }
 
+/* The taps of weight-matrix row `row` laid out along one block of 16*k columns:
+ * pattern[t, q] = taps[row*k + q % k, t] (the tap pattern of a row repeats every k columns). */
+static void fill_pattern(float *pattern, const float *taps, int64_t row, int64_t k, int64_t taps_k,
+                         int64_t block) {
+    for (int64_t t = 0; t < taps_k; ++t)
+        for (int64_t v = 0; v < k; ++v)
+            for (int64_t q = v; q < block; q += k)
+                pattern[t * block + q] = taps[(row * k + v) * taps_k + t];
+}
+
+/* out[i * out_stride] = sum_v spread[i*k + v] for i < in_channels: a spread-layout row back to channels. */
+static void sum_spread(const float *spread, float *out, int64_t out_stride, int64_t in_channels, int64_t k) {
+    for (int64_t i = 0; i < in_channels; ++i) {
+        float sum = 0.0f;
+        for (int64_t v = 0; v < k; ++v)
+            sum += spread[i * k + v];
+        out[i * out_stride] = sum;
+    }
+}
+
 /* out[c, b, r, :] = spectrum[c, r, :] * attention[b, group[c, r]]
  * spectrum (C, R, 2), group (C, R) uint8 or int32, attention (B, n), out (C, B, R, 2). */
 template <typename Index>
@@ -95,7 +116,7 @@ static void scale_spectrum(const float *spectrum, const Index *group, const floa
 /* Adjoint of the group scaling, for columns [0, cols) of a slice (pointers at its first column):
  *   grad_spectrum[c, r] = weight[c] * sum_b grad[c, b, r] * attention[b, group[c, r]]
  *   grad_attention[b, g] += sum over bins (c, r) of group g: weight[c] * <grad[c, b, r], spectrum[c, r]>
- * grad (cols, B, R, 2), spectrum and grad_spectrum (cols, R, 2), group (cols, R) int32, weight (cols),
+ * grad (cols, B, R, 2), spectrum and grad_spectrum (cols, R, 2), group (cols, R) uint8 or int32, weight (cols),
  * attention and grad_attention (B, n). Complex values as real/imag pairs. */
 template <typename Index>
 static void spectrum_adjoint(const float *grad, const float *spectrum, const Index *group, const float *weight,
@@ -214,10 +235,7 @@ void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_
         for (int64_t rb = 0; rb < n_rows * batch; ++rb) {  /* sample fastest: one tap pattern per row */
             const int64_t r = rb / batch, b = rb % batch, row = row_begin + r;
             if (row != pattern_row) {
-                for (int64_t t = 0; t < taps_k; ++t)
-                    for (int64_t v = 0; v < k; ++v)
-                        for (int64_t q = v; q < block; q += k)
-                            pattern[t * block + q] = taps[(row * k + v) * taps_k + t];
+                fill_pattern(pattern, taps, row, k, taps_k, block);
                 pattern_row = row;
             }
             const float *src = matrix + b * src_batch_stride + r * src_row_stride;
@@ -354,10 +372,7 @@ void fdconv_local_modulation_backward(const float *product, float *grad, const f
         float *grad_spread = static_cast<float *>(calloc(partial_size, sizeof(float)));
 #pragma omp for schedule(static)
         for (int64_t row = 0; row < rows; ++row) {
-            for (int64_t t = 0; t < taps_k; ++t)
-                for (int64_t v = 0; v < k; ++v)
-                    for (int64_t q = v; q < block; q += k)
-                        pattern[t * block + q] = taps[(row * k + v) * taps_k + t];
+            fill_pattern(pattern, taps, row, k, taps_k, block);
             for (int64_t q = 0; q < taps_k * block; ++q)
                 tap_acc[q] = 0.0f;
             float *pdp_acc = tap_acc + taps_k * block;  /* per lane of the block, summed per v at the end */
@@ -386,23 +401,13 @@ void fdconv_local_modulation_backward(const float *product, float *grad, const f
         free(tap_acc);
         free(pattern);
     }
-    for (int64_t bt = 0; bt < batch * taps_k; ++bt) {
+    for (int64_t bt = 0; bt < batch * taps_k; ++bt) {  /* spread[b, t, i*k + v] -> grad_windows[b, i, t] */
         const int64_t b = bt / taps_k, t = bt % taps_k;
-        for (int64_t i = 0; i < in_channels; ++i) {
-            float sum = 0.0f;
-            for (int64_t v = 0; v < k; ++v)
-                sum += total[bt * cols + i * k + v];
-            grad_windows[(b * in_channels + i) * taps_k + t] = sum;
-        }
+        sum_spread(total + bt * cols, grad_windows + b * in_channels * taps_k + t, taps_k, in_channels, k);
     }
     if (channel)
         for (int64_t b = 0; b < batch; ++b)
-            for (int64_t i = 0; i < in_channels; ++i) {
-                float sum = 0.0f;
-                for (int64_t v = 0; v < k; ++v)
-                    sum += total[spread_size + b * cols + i * k + v];
-                channel_sums[b * in_channels + i] = sum;
-            }
+            sum_spread(total + spread_size + b * cols, channel_sums + b * in_channels, 1, in_channels, k);
     free(total);
     free(channel_spread);
     free(spread);

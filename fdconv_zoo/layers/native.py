@@ -96,14 +96,14 @@ def library() -> ctypes.CDLL | None:
     return _state['lib']
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the fused loops apply: float32 CPU tensors and a library."""
-    return all(t.device.type == 'cpu' and t.dtype == torch.float32 for t in tensors) and library() is not None
-
-
 def usable_for(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the fused loops apply to tensors of this dtype on this device."""
+    """Whether the fused loops apply to tensors of this dtype on this device: float32 on the CPU, and a library."""
     return dtype == torch.float32 and device.type == 'cpu' and library() is not None
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the fused loops apply to all of these tensors (see :func:`usable_for`)."""
+    return all(usable_for(t.dtype, t.device) for t in tensors)
 
 
 def group_index(group: torch.Tensor, num_groups: int) -> torch.Tensor:

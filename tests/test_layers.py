@@ -211,6 +211,8 @@ def test_fused_loops_match_torch_code(monkeypatch):
     """The fused CPU loops and the PyTorch code give the same outputs and gradients (inference and training,
     batch 1 and 2, rows of 16*k values and ragged tails, uint8 and int32 group indices; the fused path folds
     the channel attention into the kernels)."""
+    lib = native.library()
+    assert lib is not None, "the fused CPU loops did not build on this machine"
     torch.manual_seed(3)
     layers = [FDConv2d(33, 20, 3, padding=1, num_freq_groups=5), FDConv2d(64, 48, 1, num_freq_groups=7),
               FDConv2d(16, 24, 2, padding='same', num_freq_groups=4), FDLinear(20, 36, num_freq_groups=6),
@@ -221,8 +223,8 @@ def test_fused_loops_match_torch_code(monkeypatch):
         shape = (batch, 5, layer.in_features) if isinstance(layer, FDLinear) else (batch, layer.in_channels, 7, 6)
         x = torch.randn(shape)
         results = []
-        for lib in (native.library(), None):
-            monkeypatch.setitem(native._state, 'lib', lib)
+        for loops in (lib, None):
+            monkeypatch.setitem(native._state, 'lib', loops)
             with torch.no_grad():
                 y_eval = layer(x)
             inp = x.clone().requires_grad_()
@@ -249,16 +251,22 @@ def test_fused_loops_are_built_once_per_machine(monkeypatch, tmp_path):
 def test_fused_loops_fall_back_with_one_warning(monkeypatch, tmp_path):
     """No compiler, a failing build, or FDCONV_ZOO_NATIVE=0: the PyTorch code runs, with one clear warning
     (none when switched off), and no half-written library is left in the cache."""
-    monkeypatch.setenv('FDCONV_ZOO_CACHE', str(tmp_path))
+    cache, bin_dir = tmp_path / 'cache', tmp_path / 'bin'
+    bin_dir.mkdir()
+    monkeypatch.setenv('FDCONV_ZOO_CACHE', str(cache))
     monkeypatch.setenv('CXX', 'no-such-compiler-fdconv')
     monkeypatch.setattr(native, '_state', {})
     with pytest.warns(RuntimeWarning, match='no C.. compiler'):
         assert native.library() is None
-    monkeypatch.setenv('CXX', 'false')  # runs, fails
+    broken = bin_dir / 'broken-c++'  # answers --version, then fails the compilation with a message
+    broken.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo broken 1.0; exit 0; }\n'
+                      'echo "native.cpp:1: error: broken compiler" >&2; exit 1\n')
+    broken.chmod(0o755)
+    monkeypatch.setenv('CXX', str(broken))
     monkeypatch.setattr(native, '_state', {})
-    with pytest.warns(RuntimeWarning, match='building the fused CPU loops failed'):
+    with pytest.warns(RuntimeWarning, match='building the fused CPU loops failed.*broken compiler'):
         assert native.library() is None
-    assert list(tmp_path.iterdir()) == []
+    assert list(cache.iterdir()) == []  # the temporary output is gone
     monkeypatch.setenv('FDCONV_ZOO_NATIVE', '0')
     monkeypatch.setattr(native, '_state', {})
     assert native.library() is None

@@ -31,17 +31,19 @@ def loops(request, monkeypatch) -> str:
     return request.param
 
 
-@pytest.mark.parametrize('cin,cout,k,stride,groups,n', [
-    (24, 40, 3, 1, 1, 16),   # FBM, spatial attention
-    (32, 48, 1, 2, 1, 7),    # 1x1 strided, n not dividing the bins
-    (33, 20, 3, 1, 1, 5),    # odd Cg*k
-    (24, 36, 3, 2, 4, 8),    # groups > 1: channel/local factors follow the input channel an element reads
-    (32, 32, 3, 1, 32, 4),   # depthwise: no filter attention
-    (16, 128, 3, 2, 1, 8),   # output map small next to Cout: im2col + batched matrix product
+@pytest.mark.parametrize('cin,cout,k,stride,dilation,groups,n', [
+    (24, 40, 3, 1, 1, 1, 16),   # FBM, spatial attention
+    (32, 48, 1, 2, 1, 1, 7),    # 1x1 strided, n not dividing the bins
+    (33, 20, 3, 1, 1, 1, 5),    # odd Cg*k
+    (24, 36, 3, 2, 1, 4, 8),    # groups > 1: channel/local factors follow the input channel an element reads
+    (32, 32, 3, 1, 1, 32, 4),   # depthwise: no filter attention
+    (16, 128, 3, 2, 1, 1, 8),   # output map small next to Cout: im2col + batched matrix product
+    (16, 128, 3, 1, 2, 1, 8),   # the same, dilated
 ])
-def test_layer_matches_literal_spec(cin, cout, k, stride, groups, n):
+def test_layer_matches_literal_spec(cin, cout, k, stride, dilation, groups, n):
     torch.manual_seed(0)
-    layer = FDConv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, num_freq_groups=n).eval()
+    layer = FDConv2d(cin, cout, k, stride=stride, padding=dilation * (k // 2), dilation=dilation, groups=groups,
+                     num_freq_groups=n).eval()
     randomize_(layer)
     x = torch.randn(3, cin, 12, 10)
     with torch.no_grad():
@@ -143,9 +145,11 @@ def test_gradcheck_float64():
     lambda: FDConv2d(16, 24, 2, padding='same', dilation=2, num_freq_groups=4),  # asymmetric 'same'
     lambda: FDConv2d(16, 16, 3, padding=1, padding_mode='reflect', num_freq_groups=4, fbm=False),
     lambda: FDConv2d(16, 112, 3, stride=2, padding=1, num_freq_groups=8),  # small map: im2col path
+    lambda: FDConv2d(16, 112, 3, stride=(2, 1), padding=(1, 2), dilation=(1, 2), num_freq_groups=8),
     lambda: FDConv2d(16, 24, 1, padding=1, num_freq_groups=4),  # padded 1x1: grouped-convolution path
     lambda: FDLinear(20, 36, num_freq_groups=6),
-], ids=['3x3', '1x1-stride', 'odd-no-local', 'same-even-k', 'reflect', 'small-map', 'padded-1x1', 'linear'])
+], ids=['3x3', '1x1-stride', 'odd-no-local', 'same-even-k', 'reflect', 'small-map', 'small-map-dilated',
+        'padded-1x1', 'linear'])
 def test_hand_written_gradient_matches_autograd(make, loops):
     """The training path (fast forward, gradient of the kernel synthesis by hand) against plain autograd."""
     _check_against_autograd(make())

@@ -21,13 +21,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-@pytest.fixture(params=['fused', 'torch'])
+@pytest.fixture(params=['fused', 'fused-torch-fft', 'torch'])
 def loops(request, monkeypatch) -> str:
-    """Run a float32 CPU test with the fused loops of ``native`` and again with the PyTorch code."""
+    """Run a float32 CPU test with the fused loops of ``native`` (the synthesis with MKL's FFT inside, and
+    without it, as where torch has no MKL) and again with the PyTorch code."""
     if request.param == 'torch':
         monkeypatch.setitem(native._state, 'lib', None)
     else:
         assert native.library() is not None, "the fused CPU loops did not build on this machine"
+        assert native.fft_usable(), "torch's MKL FFT is not reachable from the fused loops"
+        monkeypatch.setitem(native._state, 'fft', request.param == 'fused')
     return request.param
 
 
@@ -227,16 +230,35 @@ def test_fused_loops_match_torch_code(monkeypatch):
         shape = (batch, 5, layer.in_features) if isinstance(layer, FDLinear) else (batch, layer.in_channels, 7, 6)
         x = torch.randn(shape)
         results = []
-        for loops in (lib, None):
+        for loops, fft in ((None, False), (lib, True), (lib, False)):  # PyTorch code first: the reference
             monkeypatch.setitem(native._state, 'lib', loops)
+            monkeypatch.setitem(native._state, 'fft', fft)
             with torch.no_grad():
                 y_eval = layer(x)
             inp = x.clone().requires_grad_()
             layer.zero_grad()
             layer(inp).square().sum().backward()
             results.append([y_eval, inp.grad] + [p.grad.clone() for p in layer.parameters()])
-        for got, expected in zip(*results, strict=True):
-            assert rel_err(got, expected) < 1e-5
+        for fused in results[1:]:
+            for got, expected in zip(fused, results[0], strict=True):
+                assert rel_err(got, expected) < 1e-5
+
+
+def test_fused_synthesis_falls_back_without_mkl_fft(monkeypatch):
+    """Where torch has no MKL (or MKL refuses a transform size) the fused loops run with torch's FFTs."""
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.backends.mkl, 'is_available', lambda: False)
+        patch.setattr(native, '_state', {})
+        assert native.library() is not None and not native.fft_usable()
+    monkeypatch.setattr(native, '_state', {})
+    assert native.fft_usable()
+    layer = FDConv2d(24, 40, 3, padding=1, num_freq_groups=16)
+    randomize_(layer, scale=0.3)
+    att = layer.ksm_global(torch.randn(2, 24))
+    modulation = layer.ksm_local.modulation(torch.randn(2, 24, layer.ksm_local.conv_size), torch.float32, None)
+    expected = layer.fdw.synthesize(att.kernel, modulation).clone()
+    monkeypatch.setattr(native, 'synthesize', lambda *args: False)
+    assert rel_err(layer.fdw.synthesize(att.kernel, modulation), expected) < 1e-5
 
 
 def test_fused_loops_are_built_once_per_machine(monkeypatch, tmp_path):

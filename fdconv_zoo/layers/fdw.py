@@ -192,14 +192,22 @@ class FourierDisjointWeight(nn.Module):
         stay in cache and below glibc's mmap threshold, and the transposition between the two transforms is
         done slice by slice while the slice is in cache. torch's irfft2 would copy the whole spectrum into
         that order and back and return a fresh, page-faulting tensor. float32 on the CPU uses the fused loops
-        of ``native`` for the group scaling and the transposition.
+        of ``native`` for the group scaling and the transposition, and where torch has MKL's FFT, runs the
+        whole synthesis (scaling, both transforms, transposition, modulation) as ``native.synthesize``: two
+        passes over cache-sized blocks, 10-30% faster than these five.
         """
         dtype = fft_dtype(self.spectrum.dtype)
         b, (rows, half) = kernel_attention.shape[0], self.group_of_bin.shape
         device = kernel_attention.device
         spectrum, attention = self.spectrum.to(dtype), kernel_attention.to(dtype).contiguous()
-        spec = scratch('fdw.spectrum', (half, b, rows, 2), device, dtype)
         fused = native.usable(spectrum, attention)
+        whole = modulate is None or isinstance(modulate, native.LocalModulation) and modulate.sigmoid_out is None
+        if fused and whole and native.fft_usable():  # the transforms and the products in two fused passes
+            matrix = scratch('fdw.matrix', (b, rows, self.cols), device, dtype)
+            columns = scratch('fdw.rows', (rows, b, half, 2), device, dtype)
+            if native.synthesize(spectrum, self._column_major_groups()[1], attention, columns, matrix, modulate):
+                return matrix
+        spec = scratch('fdw.spectrum', (half, b, rows, 2), device, dtype)
         if fused:
             native.scale_spectrum(spectrum, self._column_major_groups()[1], attention, spec)
         else:  # per-bin scales gathered from the groups, then two strided products

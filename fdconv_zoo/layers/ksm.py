@@ -178,19 +178,15 @@ class KSMLocal(nn.Module):
     ) -> Modulation:
         """groups = 1: the product with sigmoid(L) in FDW's weight-matrix layout, for ``FDW.synthesize`` to apply
         slice by slice; sigmoid(L) also goes to ``sigmoid_out`` (B, Cout*k, Cin*k) if given. In float32 on the
-        CPU the fused loop makes the logits on the fly (no B x |W| logits tensor, one pass) and can multiply by
-        a channel attention (B, Cin) on the way; otherwise sigmoid(L) is made first, in ``sigmoid_out`` or
-        scratch memory (and ``channel`` must be None)."""
+        CPU it is a ``native.LocalModulation``: the fused loop makes the logits on the fly (no B x |W| logits
+        tensor, one pass) and can multiply by a channel attention (B, Cin) on the way; otherwise sigmoid(L) is
+        made first, in ``sigmoid_out`` or scratch memory (and ``channel`` must be None)."""
         taps = self.conv.weight.detach().to(dtype).view(-1, self.conv_size)
         windows = windows.to(dtype).contiguous()
         k, rows, cols = self.kernel_size, self.out_channels * self.kernel_size, self.in_channels * self.kernel_size
         if native.usable(taps, windows):
             channel = None if channel is None else channel.to(dtype).contiguous()
-
-            def fused(part: torch.Tensor, out: torch.Tensor, first_row: int) -> None:
-                sig = None if sigmoid_out is None else sigmoid_out[:, first_row:first_row + part.shape[1]]
-                native.local_modulation(part, out, sig, taps, windows, channel, k, first_row)
-            return fused
+            return native.LocalModulation(taps, windows, channel, k, sigmoid_out)
         if channel is not None:
             raise ValueError("only the fused CPU loops fold the channel attention into the kernels")
         if sigmoid_out is None:

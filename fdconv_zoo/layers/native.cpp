@@ -11,6 +11,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <vector>
+#include <tuple>
 
 #define LANES 16
 /* Loops over fewer values than this run on one thread: waking the others costs more than they save. */
@@ -92,25 +95,27 @@ static void sum_spread(const float *spread, float *out, int64_t out_stride, int6
     }
 }
 
+/* dst[r, :] = spectrum[r, :] * attention[group[r]] * factor for one column of R bins (real/imag pairs). */
+template <typename Index>
+static inline void scale_column(const float *spectrum, const Index *group, const float *attention, float *dst,
+                                int64_t rows, float factor) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float s = attention[group[r]] * factor;
+        dst[2 * r] = spectrum[2 * r] * s;
+        dst[2 * r + 1] = spectrum[2 * r + 1] * s;
+    }
+}
+
 /* out[c, b, r, :] = spectrum[c, r, :] * attention[b, group[c, r]]
  * spectrum (C, R, 2), group (C, R) uint8 or int32, attention (B, n), out (C, B, R, 2). */
 template <typename Index>
 static void scale_spectrum(const float *spectrum, const Index *group, const float *attention, float *out,
                            int64_t cols, int64_t rows, int64_t batch, int64_t num_groups) {
 #pragma omp parallel for schedule(static) if (cols * batch * rows > PARALLEL_WORK)
-    for (int64_t c = 0; c < cols; ++c) {
-        const float *spec = spectrum + c * rows * 2;
-        const Index *grp = group + c * rows;
-        for (int64_t b = 0; b < batch; ++b) {
-            const float *att = attention + b * num_groups;
-            float *dst = out + (c * batch + b) * rows * 2;
-            for (int64_t r = 0; r < rows; ++r) {
-                const float s = att[grp[r]];
-                dst[2 * r] = spec[2 * r] * s;
-                dst[2 * r + 1] = spec[2 * r + 1] * s;
-            }
-        }
-    }
+    for (int64_t c = 0; c < cols; ++c)
+        for (int64_t b = 0; b < batch; ++b)
+            scale_column(spectrum + c * rows * 2, group + c * rows, attention + b * num_groups,
+                         out + (c * batch + b) * rows * 2, rows, 1.0f);
 }
 
 /* Adjoint of the group scaling, for columns [0, cols) of a slice (pointers at its first column):
@@ -219,6 +224,33 @@ void fdconv_transpose8(const uint64_t *src, uint64_t *dst, int64_t batch, int64_
  * rows `*_row_stride` apart and samples `*_batch_stride` apart (the slice may be in (rows, B) order).
  * The logits are made 16*k columns at a time: the tap pattern of a row repeats every k columns, so a block
  * holds whole vectors of it and the inner loops vectorise. */
+/* One row of the local modulation: dst = src * sigmoid(logits) (* scale), sigmoid(logits) to sig if not null.
+ * pattern: the row's taps (fill_pattern), win: the sample's spread windows (spread_windows), scale: the
+ * sample's spread channel attention or null. */
+static inline void modulate_row(const float *src, float *dst, float *sig, const float *pattern, const float *win,
+                                const float *scale, int64_t cols, int64_t block, int64_t taps_k) {
+    int64_t j = 0, offset = 0;  /* offset = j % block */
+    for (; j + LANES <= cols; j += LANES, offset = offset + LANES == block ? 0 : offset + LANES) {
+        const float *pat = pattern + offset;  /* fixed-width steps of LANES values */
+        vfloat acc = load(pat) * load(win + j);
+        for (int64_t t = 1; t < taps_k; ++t)
+            acc += load(pat + t * block) * load(win + t * cols + j);
+        acc = vsigmoid(acc);
+        if (sig)
+            store(sig + j, acc);
+        store(dst + j, scale ? load(src + j) * acc * load(scale + j) : load(src + j) * acc);
+    }
+    for (; j < cols; ++j) {
+        float s = 0.0f;
+        for (int64_t t = 0; t < taps_k; ++t)
+            s += pattern[t * block + j % block] * win[t * cols + j];
+        s = sigmoid1(s);
+        if (sig)
+            sig[j] = s;
+        dst[j] = scale ? src[j] * s * scale[j] : src[j] * s;
+    }
+}
+
 extern "C"
 void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_t src_batch_stride, float *out,
                              float *sigmoid_out, int64_t dst_row_stride, int64_t dst_batch_stride,
@@ -238,31 +270,11 @@ void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_
                 fill_pattern(pattern, taps, row, k, taps_k, block);
                 pattern_row = row;
             }
-            const float *src = matrix + b * src_batch_stride + r * src_row_stride;
-            float *dst = out + b * dst_batch_stride + r * dst_row_stride;
-            float *sig = sigmoid_out ? sigmoid_out + b * dst_batch_stride + r * dst_row_stride : nullptr;
-            const float *win = spread + b * taps_k * cols;
-            const float *scale = channel_spread ? channel_spread + b * cols : nullptr;
-            int64_t j = 0, offset = 0;  /* offset = j % block */
-            for (; j + LANES <= cols; j += LANES, offset = offset + LANES == block ? 0 : offset + LANES) {
-                const float *pat = pattern + offset;  /* fixed-width steps of LANES values */
-                vfloat acc = load(pat) * load(win + j);
-                for (int64_t t = 1; t < taps_k; ++t)
-                    acc += load(pat + t * block) * load(win + t * cols + j);
-                acc = vsigmoid(acc);
-                if (sig)
-                    store(sig + j, acc);
-                store(dst + j, scale ? load(src + j) * acc * load(scale + j) : load(src + j) * acc);
-            }
-            for (; j < cols; ++j) {
-                float s = 0.0f;
-                for (int64_t t = 0; t < taps_k; ++t)
-                    s += pattern[t * block + j % block] * win[t * cols + j];
-                s = sigmoid1(s);
-                if (sig)
-                    sig[j] = s;
-                dst[j] = scale ? src[j] * s * scale[j] : src[j] * s;
-            }
+            modulate_row(matrix + b * src_batch_stride + r * src_row_stride,
+                         out + b * dst_batch_stride + r * dst_row_stride,
+                         sigmoid_out ? sigmoid_out + b * dst_batch_stride + r * dst_row_stride : nullptr,
+                         pattern, spread + b * taps_k * cols, channel_spread ? channel_spread + b * cols : nullptr,
+                         cols, block, taps_k);
         }
         free(pattern);
     }
@@ -411,4 +423,180 @@ void fdconv_local_modulation_backward(const float *product, float *grad, const f
     free(total);
     free(channel_spread);
     free(spread);
+}
+
+/* ---- Kernel synthesis with the FFT inside the loops (MKL's DFTI, from the libtorch that torch was built with) ----
+ *
+ * The inverse 2-D FFT of the scaled half spectrum runs as two passes over cache-sized blocks instead of five
+ * passes over B x |W| values: (1) for a few columns at a time, scale the bins into a per-thread buffer, inverse
+ * FFT along R there and store the block transposed into `columns` (R, B, C/2+1); (2) for a few rows at a time,
+ * inverse real FFT along C into a per-thread buffer and apply the local modulation on the way out. DFTI is
+ * called sequentially inside the OpenMP threads; its descriptors are cached per thread. */
+typedef long (*DftiCreate1d)(void **, int, long);
+typedef long (*DftiSet)(void *, int, ...);
+typedef long (*DftiCommit)(void *);
+typedef long (*DftiCompute)(void *, void *, ...);
+static DftiCreate1d dfti_create;
+static DftiSet dfti_set;
+static DftiCommit dfti_commit;
+static DftiCompute dfti_backward;
+/* mkl_dfti.h's configuration names and values */
+enum { DFTI_NUMBER_OF_TRANSFORMS = 7, DFTI_CONJUGATE_EVEN_STORAGE = 10, DFTI_PLACEMENT = 11,
+       DFTI_INPUT_DISTANCE = 14, DFTI_OUTPUT_DISTANCE = 15, DFTI_THREAD_LIMIT = 27, DFTI_COMPLEX = 32,
+       DFTI_REAL = 33, DFTI_COMPLEX_COMPLEX = 39, DFTI_NOT_INPLACE = 44 };
+
+extern "C"
+void fdconv_set_fft(void *create_single_1d, void *set_value, void *commit, void *compute_backward) {
+    dfti_create = reinterpret_cast<DftiCreate1d>(create_single_1d);
+    dfti_set = reinterpret_cast<DftiSet>(set_value);
+    dfti_commit = reinterpret_cast<DftiCommit>(commit);
+    dfti_backward = reinterpret_cast<DftiCompute>(compute_backward);
+}
+
+/* `howmany` unnormalised inverse transforms of length n, one thread: complex in place (contiguous transforms),
+ * or conjugate-even (n/2+1 complex) to real, out of place. Null if DFTI refuses. */
+static void *fft_plan(bool real, int64_t n, int64_t howmany) {
+    static thread_local std::map<std::tuple<bool, int64_t, int64_t>, void *> plans;
+    const auto key = std::make_tuple(real, n, howmany);
+    const auto found = plans.find(key);
+    if (found != plans.end())
+        return found->second;
+    void *plan = nullptr;
+    long status = dfti_create(&plan, real ? DFTI_REAL : DFTI_COMPLEX, static_cast<long>(n));
+    if (!status)
+        status = dfti_set(plan, DFTI_NUMBER_OF_TRANSFORMS, static_cast<long>(howmany));
+    if (!status)
+        status = dfti_set(plan, DFTI_THREAD_LIMIT, 1L);
+    if (!status && real)
+        status = dfti_set(plan, DFTI_CONJUGATE_EVEN_STORAGE, static_cast<int>(DFTI_COMPLEX_COMPLEX));
+    if (!status && real)
+        status = dfti_set(plan, DFTI_PLACEMENT, static_cast<int>(DFTI_NOT_INPLACE));
+    if (!status)
+        status = dfti_set(plan, DFTI_INPUT_DISTANCE, static_cast<long>(real ? n / 2 + 1 : n));
+    if (!status)
+        status = dfti_set(plan, DFTI_OUTPUT_DISTANCE, static_cast<long>(n));
+    if (!status)
+        status = dfti_commit(plan);
+    if (status)
+        return nullptr;  /* the descriptor is leaked: this only happens on a broken MKL, once */
+    plans[key] = plan;
+    return plan;
+}
+
+/* A buffer of at least n floats kept by the calling thread for the next call (slot: which one): blocks of a
+ * few hundred KB, which malloc would map and fault in afresh on every call. */
+static float *thread_buffer(int slot, int64_t n) {
+    static thread_local std::vector<float> buffers[2];
+    if (static_cast<int64_t>(buffers[slot].size()) < n)
+        buffers[slot].resize(n);
+    return buffers[slot].data();
+}
+
+/* Values per block of the two passes (complex bins of pass 1, real values of pass 2): 512 and 256 KB, which
+ * keeps each thread's block in its L2 cache (measured best of 128 KB - 2 MB here). */
+#define COLUMN_BLOCK 65536
+#define ROW_BLOCK 65536
+
+/* matrix[b] = irfft2(spectrum * attention[b, group]) (norm "backward"), times the local modulation if taps
+ * is not null (as fdconv_local_modulation, without sigmoid_out). spectrum (H, R, 2) column-major half
+ * spectrum, H = C/2+1; group (H, R); attention (B, n); columns: scratch of R*B*H complex values; matrix
+ * (B, R, C). Returns 0, or -1 where DFTI refused a descriptor (matrix is then not written). */
+template <typename Index>
+static int64_t synthesize(const float *spectrum, const Index *group, const float *attention, float *columns,
+                          float *matrix, const float *taps, const float *windows,
+                          const float *channel, int64_t batch, int64_t rows, int64_t cols, int64_t num_groups,
+                          int64_t k, int64_t taps_k) {
+    const int64_t half = cols / 2 + 1;
+    const float factor = 1.0f / static_cast<float>(rows * cols);
+    int64_t width = COLUMN_BLOCK / (batch * rows);  /* columns per block of pass 1 */
+    width = width < 1 ? 1 : width > 16 ? 16 : width;
+    int64_t height = ROW_BLOCK / cols;  /* rows (of R*B) per block of pass 2 */
+    height = height < 1 ? 1 : height;
+    const int64_t n_col_blocks = (half + width - 1) / width, n_row_blocks = (rows * batch + height - 1) / height;
+    const bool parallel = batch * rows * cols > PARALLEL_WORK;
+    int64_t failed = 0;
+#pragma omp parallel if (parallel) reduction(| : failed)
+    {
+        float *buffer = thread_buffer(0, 2 * width * batch * rows);
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < n_col_blocks; ++blk) {
+            const int64_t c0 = blk * width, n = c0 + width <= half ? width : half - c0;
+            for (int64_t j = 0; j < n; ++j)
+                for (int64_t b = 0; b < batch; ++b)
+                    scale_column(spectrum + (c0 + j) * rows * 2, group + (c0 + j) * rows, attention + b * num_groups,
+                                 buffer + (j * batch + b) * rows * 2, rows, factor);
+            void *plan = fft_plan(false, rows, n * batch);
+            if (!plan || dfti_backward(plan, buffer)) {
+                failed = 1;
+                continue;
+            }
+            const uint64_t *src = reinterpret_cast<const uint64_t *>(buffer);  /* complex values as 8 bytes */
+            uint64_t *dst = reinterpret_cast<uint64_t *>(columns) + c0;
+            for (int64_t r = 0; r < rows; ++r)
+                for (int64_t b = 0; b < batch; ++b)
+                    for (int64_t j = 0; j < n; ++j)
+                        dst[(r * batch + b) * half + j] = src[(j * batch + b) * rows + r];
+        }
+    }
+    if (failed)
+        return -1;
+    const int64_t block = LANES * k;
+    float *spread = taps ? spread_windows(windows, batch, cols / k, k, taps_k) : nullptr;
+    float *channel_spread = taps && channel ? spread_windows(channel, batch, cols / k, k, 1) : nullptr;
+#pragma omp parallel if (parallel) reduction(| : failed)
+    {
+        float *buffer = thread_buffer(1, height * cols);
+        float *pattern = taps ? static_cast<float *>(malloc(sizeof(float) * taps_k * block)) : nullptr;
+        int64_t pattern_row = -1;
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < n_row_blocks; ++blk) {  /* rows in (R, B) order: one tap pattern per row */
+            const int64_t g0 = blk * height, n = g0 + height <= rows * batch ? height : rows * batch - g0;
+            /* one sample: the rows are in the matrix's order, transform into it and modulate in place */
+            float *transformed = batch == 1 ? matrix + g0 * cols : buffer;
+            void *plan = fft_plan(true, cols, n);
+            if (!plan || dfti_backward(plan, columns + 2 * g0 * half, transformed)) {
+                failed = 1;
+                continue;
+            }
+            for (int64_t g = g0; g < g0 + n; ++g) {
+                const int64_t r = g / batch, b = g % batch;
+                const float *src = transformed + (g - g0) * cols;
+                float *dst = matrix + (b * rows + r) * cols;
+                if (!taps) {
+                    if (src != dst)
+                        memcpy(dst, src, sizeof(float) * cols);
+                    continue;
+                }
+                if (r != pattern_row) {
+                    fill_pattern(pattern, taps, r, k, taps_k, block);
+                    pattern_row = r;
+                }
+                modulate_row(src, dst, nullptr, pattern,
+                             spread + b * taps_k * cols, channel_spread ? channel_spread + b * cols : nullptr, cols,
+                             block, taps_k);
+            }
+        }
+        free(pattern);
+    }
+    free(channel_spread);
+    free(spread);
+    return failed ? -1 : 0;
+}
+
+extern "C"
+int64_t fdconv_synthesize_u8(const float *spectrum, const uint8_t *group, const float *attention, float *columns,
+                             float *matrix, const float *taps, const float *windows,
+                             const float *channel, int64_t batch, int64_t rows, int64_t cols, int64_t num_groups,
+                             int64_t k, int64_t taps_k) {
+    return synthesize(spectrum, group, attention, columns, matrix, taps, windows, channel, batch, rows, cols,
+                      num_groups, k, taps_k);
+}
+
+extern "C"
+int64_t fdconv_synthesize_i32(const float *spectrum, const int32_t *group, const float *attention, float *columns,
+                              float *matrix, const float *taps, const float *windows,
+                              const float *channel, int64_t batch, int64_t rows, int64_t cols, int64_t num_groups,
+                              int64_t k, int64_t taps_k) {
+    return synthesize(spectrum, group, attention, columns, matrix, taps, windows, channel, batch, rows, cols,
+                      num_groups, k, taps_k);
 }

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +35,13 @@ _SIGNATURES = {
     'fdconv_transpose8': [_P, _P, _I, _I, _I, _I, _I, _I, _I],
     'fdconv_local_modulation': [_P, _I, _I, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I],
     'fdconv_local_modulation_backward': [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I],
+    'fdconv_set_fft': [_P, _P, _P, _P],
+    **{f'fdconv_synthesize_{index}': [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I]
+       for index in ('u8', 'i32')},
 }
+_RETURNS = {name: ctypes.c_int64 for name in ('fdconv_synthesize_u8', 'fdconv_synthesize_i32')}
+# MKL's FFT inside libtorch (torch built with MKL), which fdconv_synthesize_* call
+_DFTI = ('DftiCreateDescriptor_s_1d', 'DftiSetValue', 'DftiCommitDescriptor', 'DftiComputeBackward')
 
 
 def _cpu_signature() -> str:
@@ -83,8 +90,20 @@ def _load() -> ctypes.CDLL | None:
         return None
     for name, argtypes in _SIGNATURES.items():
         function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, None
+        function.argtypes, function.restype = argtypes, _RETURNS.get(name)
     return lib
+
+
+def _connect_fft(lib: ctypes.CDLL) -> bool:
+    """Hand the loops MKL's FFT functions from libtorch; False where torch was built without MKL."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        torch_lib = ctypes.CDLL(str(Path(torch.__file__).parent / 'lib' / 'libtorch_cpu.so'))
+        lib.fdconv_set_fft(*(ctypes.cast(getattr(torch_lib, name), ctypes.c_void_p) for name in _DFTI))
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def library() -> ctypes.CDLL | None:
@@ -92,8 +111,15 @@ def library() -> ctypes.CDLL | None:
     if 'lib' not in _state:
         with _lock:
             if 'lib' not in _state:
-                _state['lib'] = _load()
+                lib = _load()
+                _state['fft'] = lib is not None and _connect_fft(lib)
+                _state['lib'] = lib
     return _state['lib']
+
+
+def fft_usable() -> bool:
+    """Whether :func:`synthesize` can run: the library and MKL's FFT (torch's x86-64 builds have it)."""
+    return library() is not None and _state.get('fft', False)
 
 
 def usable_for(dtype: torch.dtype, device: torch.device) -> bool:
@@ -185,6 +211,54 @@ def local_modulation(
     library().fdconv_local_modulation(
         matrix.data_ptr(), matrix.stride(1), matrix.stride(0), out.data_ptr(), sig, out.stride(1), out.stride(0),
         taps.data_ptr(), windows.data_ptr(), scale, batch, in_channels, kernel_size, taps_k, first_row, rows)
+
+
+@dataclass(frozen=True)
+class LocalModulation:
+    """The local KSM product P = M * sigmoid(L) (* channel[b, i]) as the loops take it: callable on a slice of
+    rows like ``fdw.Modulation``, or handed whole to :func:`synthesize`, which applies it inside the transform.
+    taps (Cout*k*k, K), windows (B, Cin, K), channel (B, Cin) or None, all contiguous; sigmoid(L) also goes to
+    ``sigmoid_out`` (B, Cout*k, Cin*k) if given."""
+
+    taps: torch.Tensor
+    windows: torch.Tensor
+    channel: torch.Tensor | None
+    kernel_size: int
+    sigmoid_out: torch.Tensor | None = None
+
+    def __call__(self, part: torch.Tensor, out: torch.Tensor, first_row: int) -> None:
+        sig = None if self.sigmoid_out is None else self.sigmoid_out[:, first_row:first_row + part.shape[1]]
+        local_modulation(part, out, sig, self.taps, self.windows, self.channel, self.kernel_size, first_row)
+
+
+def synthesize(
+        spectrum: torch.Tensor,
+        group: torch.Tensor,
+        attention: torch.Tensor,
+        columns: torch.Tensor,
+        out: torch.Tensor,
+        modulation: LocalModulation | None,
+) -> bool:
+    """out[b] = irfft2 of the half spectrum scaled per group (``scale_spectrum``), times ``modulation`` if given,
+    in two passes over cache-sized blocks with MKL's FFT inside them (see :func:`fft_usable`). spectrum
+    (C/2+1, R, 2) column-major, group (C/2+1, R) from :func:`group_index`, attention (B, n), columns scratch of
+    R*B*(C/2+1)*2 floats, out (B, R, C); ``modulation`` without ``sigmoid_out``. False (out not written) where
+    MKL refused a transform size."""
+    (half, rows, _), (batch, groups), cols = spectrum.shape, attention.shape, out.shape[-1]
+    _check_contiguous(spectrum=spectrum, group=group, attention=attention, columns=columns, out=out)
+    assert tuple(out.shape) == (batch, rows, cols) and half == cols // 2 + 1
+    assert columns.numel() >= rows * batch * half * 2 and columns.dtype == out.dtype
+    pointers, k, taps_k = [0, 0, 0], 1, 0
+    if modulation is not None:
+        m = modulation
+        _check_contiguous(taps=m.taps, windows=m.windows)
+        assert m.windows.shape[:2] == (batch, cols // m.kernel_size) and m.sigmoid_out is None
+        pointers = [m.taps.data_ptr(), m.windows.data_ptr(), _optional('channel', m.channel, m.windows.shape[:2])]
+        k, taps_k = m.kernel_size, m.windows.shape[2]
+    status = getattr(library(), f'fdconv_synthesize_{_suffix(group)}')(
+        spectrum.data_ptr(), group.data_ptr(), attention.data_ptr(), columns.data_ptr(), out.data_ptr(), *pointers,
+        batch, rows, cols, groups, k, taps_k)
+    return status == 0
 
 
 def local_modulation_backward(

@@ -216,14 +216,6 @@ void fdconv_transpose8(const uint64_t *src, uint64_t *dst, int64_t batch, int64_
     }
 }
 
-/* Local modulation in FDW's weight-matrix layout, for rows [row_begin, row_begin + n_rows) of every sample:
- *   logit[b, (o,u), (i,v)] = sum_t taps[(o*k + u)*k + v, t] * windows[b, i, t]
- *   out[b, row, col] = matrix[b, row, col] * sigmoid(logit) * channel[b, i]
- * (channel may be null: factor 1), and sigmoid(logit) to `sigmoid_out` if given. taps (Cout*k*k, K), windows
- * and channel (B, Cin, K) and (B, Cin); matrix and out/sigmoid_out point at the first row of the slice,
- * rows `*_row_stride` apart and samples `*_batch_stride` apart (the slice may be in (rows, B) order).
- * The logits are made 16*k columns at a time: the tap pattern of a row repeats every k columns, so a block
- * holds whole vectors of it and the inner loops vectorise. */
 /* One row of the local modulation: dst = src * sigmoid(logits) (* scale), sigmoid(logits) to sig if not null.
  * pattern: the row's taps (fill_pattern), win: the sample's spread windows (spread_windows), scale: the
  * sample's spread channel attention or null. */
@@ -251,6 +243,14 @@ static inline void modulate_row(const float *src, float *dst, float *sig, const 
     }
 }
 
+/* Local modulation in FDW's weight-matrix layout, for rows [row_begin, row_begin + n_rows) of every sample:
+ *   logit[b, (o,u), (i,v)] = sum_t taps[(o*k + u)*k + v, t] * windows[b, i, t]
+ *   out[b, row, col] = matrix[b, row, col] * sigmoid(logit) * channel[b, i]
+ * (channel may be null: factor 1), and sigmoid(logit) to `sigmoid_out` if given. taps (Cout*k*k, K), windows
+ * and channel (B, Cin, K) and (B, Cin); matrix and out/sigmoid_out point at the first row of the slice,
+ * rows `*_row_stride` apart and samples `*_batch_stride` apart (the slice may be in (rows, B) order).
+ * The logits are made 16*k columns at a time: the tap pattern of a row repeats every k columns, so a block
+ * holds whole vectors of it and the inner loops vectorise. */
 extern "C"
 void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_t src_batch_stride, float *out,
                              float *sigmoid_out, int64_t dst_row_stride, int64_t dst_batch_stride,

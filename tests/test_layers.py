@@ -13,8 +13,8 @@ from naive import naive_fdconv, randomize_
 from safetensors.torch import load, save
 
 from fdconv_zoo import FDConv2d, FDLinear
+from fdconv_zoo.layers import FBM, fourier_basis, native, radial_grouping
 from fdconv_zoo.layers import fdw as fdw_module
-from fdconv_zoo.layers import fourier_basis, native, radial_grouping
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -117,6 +117,25 @@ def test_fbm_bands_equal_masked_fft_for_every_size_and_cached():
         torch.testing.assert_close(low, expected, atol=1e-12, rtol=0)
     assert ranks_h == (99, 51, 25)  # float32 rule: kappa = 2 drops the |f| = 1/4 rows, kappa = 4 keeps |f| = 1/8
     assert fourier_basis(h, cutoffs, torch.device('cpu'), torch.float64)[0] is basis_h
+
+
+def test_fused_band_modulation_matches_torch_code(monkeypatch):
+    """FBM without autograd runs as one fused loop; it equals the PyTorch code for square, odd, wide (several
+    chunks of vectors), single-pixel and non-default cut-offs, at batch 1 and 2."""
+    assert native.library() is not None, "the fused CPU loops did not build on this machine"
+    torch.manual_seed(5)
+    for shape, cutoffs in [((2, 8, 56, 56), (2, 4, 8)), ((1, 3, 33, 17), (2, 4, 8)), ((2, 5, 1, 1), (2, 4, 8)),
+                           ((1, 2, 40, 200), (2, 4, 8)), ((2, 4, 12, 9), (3, 5))]:
+        fbm = FBM(shape[1], cutoffs)
+        nn.init.normal_(fbm.band_conv.weight, std=0.3)
+        nn.init.normal_(fbm.band_conv.bias)
+        x = torch.randn(shape)
+        with torch.no_grad():
+            fused = fbm(x)
+            monkeypatch.setitem(native._state, 'lib', None)
+            expected = fbm(x)
+            monkeypatch.undo()
+        assert rel_err(fused, expected) < 1e-5, (shape, cutoffs)
 
 
 def test_identity_at_init_for_fresh_layer():

@@ -5,7 +5,9 @@ a spatial map 2*sigmoid(conv3x3(x)) shared by all channels. With all maps equal 
 
 The masks are squares in frequency, max(|fr|, |fc|) < cut-off, so each low pass is separable: LP = P_H x P_W
 with P the projection of one axis onto its kept frequencies. P = Q Q^T for a real Fourier basis Q of few
-columns, so the bands cost a few small matrix products instead of one forward and J inverse 2-D FFTs.
+columns, so the bands cost a few small matrix products instead of one forward and J inverse 2-D FFTs. Without
+autograd, float32 on the CPU, everything after the band logits is one fused loop per plane
+(``native.band_modulation``): no band maps are materialised.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import native
 from .fdw import fft_dtype
 
 
@@ -107,6 +110,8 @@ class FBM(nn.Module):
         basis_h, ranks_h = fourier_basis(h, self.cutoffs, x.device, x.dtype)
         basis_w, ranks_w = fourier_basis(w, self.cutoffs, x.device, x.dtype)
         band_scale = 2.0 * torch.sigmoid(self._band_logits(x))  # (B, J, H, W)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and native.usable(x, band_scale):
+            return native.band_modulation(x.contiguous(), band_scale, basis_h, ranks_h, basis_w, ranks_w)  # one pass
         # sum_j A_j (LP_{j-1} - LP_j) + LP_J  ==  A_1 x + sum_j (A_{j+1} - A_j) LP_j  with A_{J+1} = 1
         next_scale = torch.cat([band_scale[:, 1:], torch.ones_like(band_scale[:, :1])], dim=1)
         weight = next_scale - band_scale

@@ -600,3 +600,129 @@ int64_t fdconv_synthesize_i32(const float *spectrum, const int32_t *group, const
     return synthesize(spectrum, group, attention, columns, matrix, taps, windows, channel, batch, rows, cols,
                       num_groups, k, taps_k);
 }
+
+/* ---- Frequency band modulation (FBM) of the input, without autograd ----
+ *   out = A_1 * x + sum_j (A_{j+1} - A_j) * LP_j(x),  A_{J+1} = 1,  LP_j(x) = Bh_j Bh_j^T x Bw_j Bw_j^T
+ * for each (sample, channel) plane x (H, W), with Bh_j = basis_h[:, :rank_h[j]] and Bw_j likewise: the low-pass
+ * coefficients C = Bh^T x Bw of the widest band are made once per plane, every band's map is a corner of them,
+ * and each output row is accumulated in registers from the bands' row factors T_j = C_j Bw_j^T: one write per
+ * value instead of two matrix products, a map and a product-sum pass per band. */
+struct BandBases {
+    const float *h;   /* (H, RH) */
+    const float *w;   /* (W, RWP): zero-padded to whole vectors */
+    const float *wt;  /* (RW, WP): transposed, zero-padded to whole vectors */
+    int64_t rh, rwp, wp;
+};
+
+/* out_p[q*LANES + m] = sum_i coef_p[i * coef_stride] * rows[i * row_stride + q*LANES + m] for Q vectors and P
+ * coefficient sets (P = 1, 2) sharing the rows: P*Q independent accumulation chains, so the products run at
+ * the FMA units' throughput rather than their latency. */
+template <int P, int Q>
+static inline void dot_rows_pq(const float *coef, int64_t coef_offset, int64_t coef_stride, const float *rows,
+                               int64_t row_stride, int64_t count, float *out, int64_t out_offset) {
+    vfloat acc[P][Q];
+    for (int p = 0; p < P; ++p)
+        for (int q = 0; q < Q; ++q)
+            acc[p][q] = splat(0.0f);
+    for (int64_t i = 0; i < count; ++i)
+        for (int q = 0; q < Q; ++q) {
+            const vfloat v = load(rows + i * row_stride + q * LANES);
+            for (int p = 0; p < P; ++p)
+                acc[p][q] += coef[p * coef_offset + i * coef_stride] * v;
+        }
+    for (int p = 0; p < P; ++p)
+        for (int q = 0; q < Q; ++q)
+            store(out + p * out_offset + q * LANES, acc[p][q]);
+}
+
+/* The same for `vectors` vectors, four at a time, and `sets` coefficient sets coef_offset apart whose results go
+ * out_offset apart, two at a time. */
+static void dot_rows(const float *coef, int64_t coef_offset, int64_t coef_stride, const float *rows,
+                     int64_t row_stride, int64_t count, float *out, int64_t out_offset, int64_t sets,
+                     int64_t vectors) {
+    for (int64_t p = 0; p < sets; p += 2) {
+        const float *c = coef + p * coef_offset;
+        float *o = out + p * out_offset;
+        const bool pair = p + 1 < sets;
+        for (int64_t v = 0; v < vectors; v += 4) {
+            const float *r = rows + v * LANES;
+            float *ov = o + v * LANES;
+            switch ((vectors - v < 4 ? vectors - v : 4) + (pair ? 4 : 0)) {
+                case 1: dot_rows_pq<1, 1>(c, coef_offset, coef_stride, r, row_stride, count, ov, out_offset); break;
+                case 2: dot_rows_pq<1, 2>(c, coef_offset, coef_stride, r, row_stride, count, ov, out_offset); break;
+                case 3: dot_rows_pq<1, 3>(c, coef_offset, coef_stride, r, row_stride, count, ov, out_offset); break;
+                case 4: dot_rows_pq<1, 4>(c, coef_offset, coef_stride, r, row_stride, count, ov, out_offset); break;
+                case 5: dot_rows_pq<2, 1>(c, coef_offset, coef_stride, r, row_stride, count, ov, out_offset); break;
+                case 6: dot_rows_pq<2, 2>(c, coef_offset, coef_stride, r, row_stride, count, ov, out_offset); break;
+                case 7: dot_rows_pq<2, 3>(c, coef_offset, coef_stride, r, row_stride, count, ov, out_offset); break;
+                default: dot_rows_pq<2, 4>(c, coef_offset, coef_stride, r, row_stride, count, ov, out_offset);
+            }
+        }
+    }
+}
+
+static void band_plane(const float *x, const float *scale, float *out, const BandBases &basis, const int64_t *rank_h,
+                       const int64_t *rank_w, int64_t bands, int64_t height, int64_t width, float *work) {
+    const int64_t plane = height * width, rh = basis.rh, rwp = basis.rwp, wp = basis.wp;
+    float *projected = work;                         /* x Bw: (H, RWP) */
+    float *coefficients = projected + height * rwp;  /* Bh^T x Bw: (RH, RWP) */
+    float *factors = coefficients + rh * rwp;        /* T_j = C_j Bw_j^T: (RH, WP) per band */
+    float *low = factors + bands * rh * wp;          /* two rows of a band's low-pass map: (2, WP) */
+    dot_rows(x, width, 1, basis.w, rwp, width, projected, rwp, height, rwp / LANES);
+    dot_rows(basis.h, 1, rh, projected, rwp, height, coefficients, rwp, rh, rwp / LANES);
+    for (int64_t j = 0; j < bands; ++j)
+        dot_rows(coefficients, rwp, 1, basis.wt, wp, rank_w[j], factors + j * rh * wp, wp, rank_h[j], wp / LANES);
+    for (int64_t h0 = 0; h0 < height; h0 += 2) {  /* two rows at a time: they share the factors' loads */
+        const int64_t pair = h0 + 1 < height ? 2 : 1;
+        for (int64_t w = 0; w < pair * width; ++w)
+            out[h0 * width + w] = scale[h0 * width + w] * x[h0 * width + w];
+        for (int64_t j = 0; j < bands; ++j) {
+            dot_rows(basis.h + h0 * rh, rh, 1, factors + j * rh * wp, wp, rank_h[j], low, wp, pair, wp / LANES);
+            for (int64_t h = h0; h < h0 + pair; ++h) {
+                const float *a = scale + j * plane + h * width, *next = j + 1 < bands ? a + plane : nullptr;
+                const float *l = low + (h - h0) * wp;
+                float *row = out + h * width;
+                int64_t w = 0;
+                for (; w + LANES <= width; w += LANES) {
+                    const vfloat weight = (next ? load(next + w) : splat(1.0f)) - load(a + w);
+                    store(row + w, load(row + w) + weight * load(l + w));
+                }
+                for (; w < width; ++w)
+                    row[w] += ((next ? next[w] : 1.0f) - a[w]) * l[w];
+            }
+        }
+    }
+}
+
+/* FBM over x (B, C, H, W) with band scales A (B, J, H, W) into out (B, C, H, W); basis_h (H, ldh) and basis_w
+ * (W, ldw) hold the orthonormal real Fourier bases (fbm.py's fourier_basis), ranks (J) of each band. */
+extern "C"
+void fdconv_band_modulation(const float *x, const float *scale, float *out, const float *basis_h, int64_t ldh,
+                            const float *basis_w, int64_t ldw, const int64_t *rank_h, const int64_t *rank_w,
+                            int64_t batch, int64_t channels, int64_t bands, int64_t height, int64_t width) {
+    int64_t rh = 0, rw = 0;
+    for (int64_t j = 0; j < bands; ++j) {
+        rh = rank_h[j] > rh ? rank_h[j] : rh;
+        rw = rank_w[j] > rw ? rank_w[j] : rw;
+    }
+    const int64_t rwp = (rw + LANES - 1) / LANES * LANES, wp = (width + LANES - 1) / LANES * LANES;
+    float *padded = thread_buffer(1, height * rh + width * rwp + rw * wp);
+    memset(padded, 0, sizeof(float) * (height * rh + width * rwp + rw * wp));
+    const BandBases basis = {padded, padded + height * rh, padded + height * rh + width * rwp, rh, rwp, wp};
+    for (int64_t h = 0; h < height; ++h)
+        memcpy(padded + h * rh, basis_h + h * ldh, sizeof(float) * rh);
+    for (int64_t w = 0; w < width; ++w)
+        for (int64_t s = 0; s < rw; ++s) {
+            padded[height * rh + w * rwp + s] = basis_w[w * ldw + s];
+            padded[height * rh + width * rwp + s * wp + w] = basis_w[w * ldw + s];
+        }
+    const int64_t plane = height * width, work = (height + rh) * rwp + bands * rh * wp + 2 * wp;
+#pragma omp parallel if (batch * channels * plane > PARALLEL_WORK)
+    {
+        float *buffer = thread_buffer(0, work);
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < batch * channels; ++p)
+            band_plane(x + p * plane, scale + p / channels * bands * plane, out + p * plane, basis, rank_h, rank_w,
+                       bands, height, width, buffer);
+    }
+}

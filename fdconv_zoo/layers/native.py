@@ -36,6 +36,7 @@ _SIGNATURES = {
     'fdconv_local_modulation': [_P, _I, _I, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I],
     'fdconv_local_modulation_backward': [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I],
     'fdconv_set_fft': [_P, _P, _P, _P],
+    'fdconv_band_modulation': [_P, _P, _P, _P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _I],
     **{f'fdconv_synthesize_{index}': [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I]
        for index in ('u8', 'i32')},
 }
@@ -287,6 +288,31 @@ def local_modulation_backward(
         grad_taps.data_ptr(), grad_windows.data_ptr(), 0 if channel_sums is None else channel_sums.data_ptr(),
         batch, rows, in_channels, kernel_size, taps_k)
     return per_tap, grad_taps, grad_windows, channel_sums
+
+
+def band_modulation(
+        x: torch.Tensor,
+        band_scale: torch.Tensor,
+        basis_h: torch.Tensor,
+        ranks_h: tuple[int, ...],
+        basis_w: torch.Tensor,
+        ranks_w: tuple[int, ...],
+) -> torch.Tensor:
+    """FBM's output without autograd (see fbm.FBM.forward): x (B, C, H, W) and band scales A (B, J, H, W),
+    bases (H, >= max ranks_h) and (W, >= max ranks_w) from ``fbm.fourier_basis``; a fresh (B, C, H, W)."""
+    batch, channels, height, width = x.shape
+    bands = band_scale.shape[1]
+    _check_contiguous(x=x, band_scale=band_scale)
+    assert tuple(band_scale.shape) == (batch, bands, height, width) and len(ranks_h) == len(ranks_w) == bands
+    assert basis_h.stride(1) == basis_w.stride(1) == 1 and basis_h.shape[0] == height and basis_w.shape[0] == width
+    assert basis_h.shape[1] >= max(ranks_h) and basis_w.shape[1] >= max(ranks_w)
+    ranks = torch.tensor([ranks_h, ranks_w], dtype=torch.int64)
+    out = torch.empty_like(x)
+    library().fdconv_band_modulation(
+        x.data_ptr(), band_scale.data_ptr(), out.data_ptr(), basis_h.data_ptr(), basis_h.stride(0),
+        basis_w.data_ptr(), basis_w.stride(0), ranks[0].data_ptr(), ranks[1].data_ptr(), batch, channels, bands,
+        height, width)
+    return out
 
 
 def _optional(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> int:

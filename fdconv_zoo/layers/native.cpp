@@ -216,12 +216,10 @@ void fdconv_transpose8(const uint64_t *src, uint64_t *dst, int64_t batch, int64_
     }
 }
 
-/* One row of the local modulation: dst = src * sigmoid(logits) (* scale), sigmoid(logits) to sig if not null.
- * pattern: the row's taps (fill_pattern), win: the sample's spread windows (spread_windows), scale: the
- * sample's spread channel attention or null. */
-static inline void modulate_row(const float *src, float *dst, float *sig, const float *pattern, const float *win,
-                                const float *scale, int64_t cols, int64_t block, int64_t taps_k) {
-    int64_t j = 0, offset = 0;  /* offset = j % block */
+/* Columns [j, cols) of one row of the local modulation (j a multiple of the block), any k and K. */
+static inline void modulate_columns(const float *src, float *dst, float *sig, const float *pattern, const float *win,
+                                    const float *scale, int64_t j, int64_t cols, int64_t block, int64_t taps_k) {
+    int64_t offset = 0;  /* offset = j % block */
     for (; j + LANES <= cols; j += LANES, offset = offset + LANES == block ? 0 : offset + LANES) {
         const float *pat = pattern + offset;  /* fixed-width steps of LANES values */
         vfloat acc = load(pat) * load(win + j);
@@ -241,6 +239,46 @@ static inline void modulate_row(const float *src, float *dst, float *sig, const 
             sig[j] = s;
         dst[j] = scale ? src[j] * s * scale[j] : src[j] * s;
     }
+}
+
+/* The same for kernel size K and TAPS known at compile time: the row's whole tap pattern (K phases of TAPS
+ * vectors) stays in registers for the whole blocks of 16*K columns. */
+template <int K, int TAPS>
+static inline void modulate_blocks(const float *src, float *dst, float *sig, const float *pattern, const float *win,
+                                   const float *scale, int64_t cols) {
+    constexpr int64_t block = LANES * K;
+    vfloat pat[K][TAPS];
+    for (int phase = 0; phase < K; ++phase)
+        for (int t = 0; t < TAPS; ++t)
+            pat[phase][t] = load(pattern + t * block + phase * LANES);
+    int64_t j = 0;
+    for (; j + block <= cols; j += block)
+        for (int phase = 0; phase < K; ++phase) {
+            const int64_t c = j + phase * LANES;
+            vfloat acc = pat[phase][0] * load(win + c);
+            for (int t = 1; t < TAPS; ++t)
+                acc += pat[phase][t] * load(win + t * cols + c);
+            acc = vsigmoid(acc);
+            if (sig)
+                store(sig + c, acc);
+            store(dst + c, scale ? load(src + c) * acc * load(scale + c) : load(src + c) * acc);
+        }
+    modulate_columns(src, dst, sig, pattern, win, scale, j, cols, block, TAPS);
+}
+
+/* One row of the local modulation: dst = src * sigmoid(logits) (* scale), sigmoid(logits) to sig if not null.
+ * pattern: the row's taps (fill_pattern), win: the sample's spread windows (spread_windows), scale: the
+ * sample's spread channel attention or null. The usual kernel sizes (1, 3) and local conv sizes (3-9) take the
+ * compile-time loops. */
+static inline void modulate_row(const float *src, float *dst, float *sig, const float *pattern, const float *win,
+                                const float *scale, int64_t cols, int64_t block, int64_t taps_k) {
+#define FDCONV_MODULATE_CASE(K, TAPS) \
+    if (block == LANES * (K) && taps_k == (TAPS)) \
+        return modulate_blocks<K, TAPS>(src, dst, sig, pattern, win, scale, cols);
+    FDCONV_MODULATE_CASE(1, 3) FDCONV_MODULATE_CASE(1, 5) FDCONV_MODULATE_CASE(1, 7) FDCONV_MODULATE_CASE(1, 9)
+    FDCONV_MODULATE_CASE(3, 3) FDCONV_MODULATE_CASE(3, 5) FDCONV_MODULATE_CASE(3, 7) FDCONV_MODULATE_CASE(3, 9)
+#undef FDCONV_MODULATE_CASE
+    modulate_columns(src, dst, sig, pattern, win, scale, 0, cols, block, taps_k);
 }
 
 /* Local modulation in FDW's weight-matrix layout, for rows [row_begin, row_begin + n_rows) of every sample:

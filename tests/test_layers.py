@@ -235,15 +235,17 @@ def test_sliced_transforms_match_autograd(monkeypatch, slice_bytes, loops):
 
 def test_fused_loops_match_torch_code(monkeypatch):
     """The fused CPU loops and the PyTorch code give the same outputs and gradients (inference and training,
-    batch 1 and 2, rows of 16*k values and ragged tails, uint8 and int32 group indices; the fused path folds
-    the channel attention into the kernels)."""
+    batch 1 and 2, rows of 16*k values and ragged tails, uint8 and int32 group indices, every compile-time
+    local conv size; the fused path folds the channel attention into the kernels)."""
     lib = native.library()
     assert lib is not None, "the fused CPU loops did not build on this machine"
     torch.manual_seed(3)
     layers = [FDConv2d(33, 20, 3, padding=1, num_freq_groups=5), FDConv2d(64, 48, 1, num_freq_groups=7),
               FDConv2d(16, 24, 2, padding='same', num_freq_groups=4), FDLinear(20, 36, num_freq_groups=6),
               FDConv2d(20, 40, 3, padding=1, num_freq_groups=300),  # n > 256: int32 group index
-              FDConv2d(3, 24, 7, padding=3, num_freq_groups=8)]  # local branch K = 1: no compile-time K
+              FDConv2d(3, 24, 7, padding=3, num_freq_groups=8),  # local branch K = 1: no compile-time K
+              FDConv2d(64, 16, 3, padding=1, num_freq_groups=8),  # K = 5 with k = 3
+              FDConv2d(1024, 8, 3, padding=1, num_freq_groups=4), FDConv2d(1024, 12, 1, num_freq_groups=4)]  # K = 7
     for layer, batch in itertools.product(layers, (1, 2)):
         randomize_(layer, scale=0.3)
         shape = (batch, 5, layer.in_features) if isinstance(layer, FDLinear) else (batch, layer.in_channels, 7, 6)

@@ -66,6 +66,12 @@ class KSMGlobal(nn.Module):
         self.filter_fc = nn.Linear(hidden, out_channels, **dd) if filter_attention else None
         self.spatial_fc = nn.Linear(hidden, kernel_size * kernel_size, **dd) if kernel_size > 1 else None
         self.kernel_fc = nn.Linear(hidden, num_groups, **dd)
+        # per output of the four heads taken as one: the temperature before the sigmoid, the factor after it
+        attention = sum(h.out_features for h in self.heads()[:-1])
+        self.register_buffer('head_temperature', torch.tensor(
+            [temperature] * attention + [kernel_temperature] * num_groups, **dd), persistent=False)
+        self.register_buffer('head_scale', torch.tensor([att_multi] * attention + [2.0] * num_groups, **dd),
+                             persistent=False)
         self.reset_parameters()
 
     def heads(self) -> list[nn.Linear]:
@@ -82,18 +88,18 @@ class KSMGlobal(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> GlobalAttention:
         hidden = self.act(self.fc(pooled))
-        # the four heads as one matrix product and two sigmoids: a few small ops instead of sixteen
+        # the four heads as one matrix product and one sigmoid: a few small ops instead of sixteen
         heads = self.heads()
         logits = F.linear(hidden, torch.cat([h.weight for h in heads]), torch.cat([h.bias for h in heads]))
-        num_groups = self.kernel_fc.out_features
-        att = self.att_multi * torch.sigmoid(logits[:, :-num_groups] / self.temperature)
-        kernel = 2.0 * torch.sigmoid(logits[:, -num_groups:] / self.kernel_temperature)
-        parts = iter(att.split([h.out_features for h in heads[:-1]], dim=1))
+        if self.temperature != 1.0 or self.kernel_temperature != 1.0:
+            logits = logits / self.head_temperature.to(logits.dtype)
+        att = torch.sigmoid(logits) * self.head_scale.to(logits.dtype)
+        parts = iter(att.split([h.out_features for h in heads], dim=1))
         return GlobalAttention(
             channel=next(parts),
             filter=next(parts) if self.filter_fc is not None else None,
             spatial=next(parts) if self.spatial_fc is not None else None,
-            kernel=kernel,
+            kernel=next(parts),
         )
 
 

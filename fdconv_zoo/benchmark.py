@@ -78,14 +78,23 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def dense_counterpart(name: str) -> str:
+    """The dense timm architecture an FDConv one is converted from (resnet50_fdconv -> resnet50); a ValueError
+    naming the choices for anything else, so that a dense name is not benchmarked against itself."""
+    import timm
+    choices = timm.list_models('*_fdconv')
+    if name not in choices:
+        raise ValueError(f"{name!r} is not an FDConv architecture (one of {', '.join(choices)})")
+    return name.removesuffix('_fdconv')
+
+
 def model_table(names: list[str], img_size: int | None = None) -> list[dict[str, Any]]:
     """One row per architecture: params and FLOPs of the dense timm model and of its FDConv version."""
     import timm
     rows = []
     for name in names:
         fd = timm.create_model(name)
-        dense_name = name.replace('_fdconv', '')
-        dense = timm.create_model(dense_name)
+        dense = timm.create_model(dense_counterpart(name))
         size = img_size or fd.pretrained_cfg['input_size'][-1]
         shape = (1, 3, size, size)
         fd_flops, dense_flops = count_flops(fd, shape), count_flops(dense, shape)
@@ -232,7 +241,7 @@ def compare(fd_name: str, mode: str, batch_size: int, img_size: int, repeats: in
     import timm
     device = torch.device(device)
     torch.manual_seed(0)
-    models = {'dense': timm.create_model(fd_name.replace('_fdconv', '')), 'fdconv': timm.create_model(fd_name)}
+    models = {'dense': timm.create_model(dense_counterpart(fd_name)), 'fdconv': timm.create_model(fd_name)}
     for m in models.values():
         m.to(device).train(mode == 'train')
     if models['fdconv'].pretrained_cfg.get('fixed_input_size'):  # e.g. Swin: only its own resolution

@@ -68,7 +68,13 @@ def bench(args: argparse.Namespace) -> int:
     import os
     import tempfile
 
-    from .benchmark import compare, part_breakdown
+    from .benchmark import compare, dense_counterpart, part_breakdown
+    try:
+        for name in args.models:
+            dense_counterpart(name)
+    except ValueError as e:
+        print(f"fdconv-zoo bench: {e}", file=sys.stderr)
+        return 1
     rows = []
     for name in args.models:
         for bs in args.batch_sizes:

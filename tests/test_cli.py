@@ -34,3 +34,12 @@ def test_bench_writes_measured_ratios(tmp_path, capsys):
         assert 0 < r['ratio_q1'] <= r['ratio_q3']  # spread of the per-repeat ratios
     assert rows[1]['fdconv_peak_mb'] > 0 and rows[1]['dense_peak_mb'] > 0
     assert 'ratio' in capsys.readouterr().out
+
+
+def test_bench_refuses_a_dense_architecture(tmp_path, capsys):
+    """A dense name would be benchmarked against itself: one line naming it, exit code 1, nothing written."""
+    out = tmp_path / 'bench.json'
+    assert cli(['bench', '--models', 'resnet18_fdconv', 'resnet50', '--out', str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "'resnet50' is not an FDConv architecture" in err and 'resnet50_fdconv' in err
+    assert not out.exists()

@@ -251,19 +251,14 @@ class FourierDisjointWeight(nn.Module):
         The adjoint of irfft2 is rfft2 / (R * Cg*k) with the half-spectrum columns that stand for two bins
         (all but DC and Nyquist) counted twice. The transforms run on slices as in :meth:`synthesize`, and the
         two reductions (per group for the attention, over the batch for the spectrum) consume each slice while
-        it is in cache. ``grad_matrix`` may live in :meth:`gradient_buffer`.
+        it is in cache. ``grad_matrix`` may live in :meth:`gradient_buffer`. Where ``synthesize`` runs fused
+        with MKL's FFT, so does this (``native.synthesis_gradient``).
         """
         dtype, device = grad_matrix.dtype, grad_matrix.device
         b, (rows, half) = grad_matrix.shape[0], self.group_of_bin.shape
         spectrum, attention = self.spectrum.to(dtype), kernel_attention.to(dtype).contiguous()
         fused = native.usable(grad_matrix, spectrum, attention)
         spec = torch.view_as_complex(scratch('fdw.rows', (half, b, rows, 2), device, dtype))
-        row_step, column_step = self._slice_steps(b)
-        by_row, by_column = grad_matrix.reshape(b * rows, self.cols), spec.view(half, b * rows)
-        step = row_step * b  # slices of the (B*R) rows: contiguous, so the FFT reads them in place
-        for start in range(0, b * rows, step):  # real FFT along C, slice of rows -> (C/2+1, slice)
-            part = torch.fft.rfft(by_row[start:start + step], dim=-1)
-            _transpose(part.unsqueeze(0), by_column[:, start:start + step].unsqueeze(0), fused)
         weight = torch.full((half,), 2.0 / (rows * self.cols), device=device, dtype=dtype)
         weight[0] /= 2
         if self.cols % 2 == 0:
@@ -271,6 +266,16 @@ class FourierDisjointWeight(nn.Module):
         grad_attention = torch.zeros(b, self.num_groups, device=device, dtype=dtype)
         grad_spectrum = torch.empty(half, rows, 2, device=device, dtype=dtype)
         groups, narrow_groups = self._column_major_groups()
+        if fused and native.fft_usable() and native.synthesis_gradient(
+                grad_matrix.contiguous(), spectrum, narrow_groups, weight, attention, torch.view_as_real(spec),
+                grad_spectrum, grad_attention):  # both transforms and the adjoint in two fused passes
+            return grad_spectrum, grad_attention
+        row_step, column_step = self._slice_steps(b)
+        by_row, by_column = grad_matrix.reshape(b * rows, self.cols), spec.view(half, b * rows)
+        step = row_step * b  # slices of the (B*R) rows: contiguous, so the FFT reads them in place
+        for start in range(0, b * rows, step):  # real FFT along C, slice of rows -> (C/2+1, slice)
+            part = torch.fft.rfft(by_row[start:start + step], dim=-1)
+            _transpose(part.unsqueeze(0), by_column[:, start:start + step].unsqueeze(0), fused)
         if not fused:
             groups = groups.view(half, rows)
             weighted = spectrum * weight[:, None, None]

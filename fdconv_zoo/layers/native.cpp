@@ -118,11 +118,42 @@ static void scale_spectrum(const float *spectrum, const Index *group, const floa
                          out + (c * batch + b) * rows * 2, rows, 1.0f);
 }
 
-/* Adjoint of the group scaling, for columns [0, cols) of a slice (pointers at its first column):
- *   grad_spectrum[c, r] = weight[c] * sum_b grad[c, b, r] * attention[b, group[c, r]]
- *   grad_attention[b, g] += sum over bins (c, r) of group g: weight[c] * <grad[c, b, r], spectrum[c, r]>
- * grad (cols, B, R, 2), spectrum and grad_spectrum (cols, R, 2), group (cols, R) uint8 or int32, weight (cols),
- * attention and grad_attention (B, n). Complex values as real/imag pairs. */
+/* Adjoint of the group scaling for one column c of bins (pointers at the column):
+ *   grad_spectrum[r] = weight * sum_b grad[b, r] * attention[b, group[r]]
+ *   partial[b, g] += sum over bins r of group g: weight * <grad[b, r], spectrum[r]>
+ * grad (B, R, 2), spectrum and grad_spectrum (R, 2), group (R), attention and partial (B, n). */
+template <typename Index>
+static void adjoint_column(const float *grad, const float *spectrum, const Index *group, float weight,
+                           const float *attention, float *grad_spectrum, float *partial, int64_t batch, int64_t rows,
+                           int64_t num_groups) {
+    for (int64_t r = 0; r < 2 * rows; ++r)
+        grad_spectrum[r] = 0.0f;
+    for (int64_t b = 0; b < batch; ++b) {
+        const float *g = grad + b * rows * 2, *att = attention + b * num_groups;
+        float *part = partial + b * num_groups;
+        for (int64_t r = 0; r < rows; ++r) {
+            const float a = att[group[r]];
+            grad_spectrum[2 * r] += g[2 * r] * a;
+            grad_spectrum[2 * r + 1] += g[2 * r + 1] * a;
+        }
+        float acc = 0.0f;  /* bins of one group are mostly contiguous along r: sum runs, then add */
+        Index current = group[0];
+        for (int64_t r = 0; r < rows; ++r) {
+            if (group[r] != current) {
+                part[current] += acc * weight;
+                acc = 0.0f;
+                current = group[r];
+            }
+            acc += g[2 * r] * spectrum[2 * r] + g[2 * r + 1] * spectrum[2 * r + 1];
+        }
+        part[current] += acc * weight;
+    }
+    for (int64_t r = 0; r < 2 * rows; ++r)
+        grad_spectrum[r] *= weight;
+}
+
+/* adjoint_column for columns [0, cols) of a slice (pointers at its first column), adding to grad_attention:
+ * grad (cols, B, R, 2), spectrum and grad_spectrum (cols, R, 2), group (cols, R) uint8 or int32, weight (cols). */
 template <typename Index>
 static void spectrum_adjoint(const float *grad, const float *spectrum, const Index *group, const float *weight,
                              const float *attention, float *grad_spectrum, float *grad_attention, int64_t cols,
@@ -131,35 +162,9 @@ static void spectrum_adjoint(const float *grad, const float *spectrum, const Ind
     {
         float *partial = static_cast<float *>(calloc(batch * num_groups, sizeof(float)));
 #pragma omp for schedule(static)
-        for (int64_t c = 0; c < cols; ++c) {
-            const float *spec = spectrum + c * rows * 2;
-            const Index *grp = group + c * rows;
-            float *out = grad_spectrum + c * rows * 2;
-            for (int64_t r = 0; r < 2 * rows; ++r)
-                out[r] = 0.0f;
-            for (int64_t b = 0; b < batch; ++b) {
-                const float *g = grad + (c * batch + b) * rows * 2, *att = attention + b * num_groups;
-                float *part = partial + b * num_groups;
-                for (int64_t r = 0; r < rows; ++r) {
-                    const float a = att[grp[r]];
-                    out[2 * r] += g[2 * r] * a;
-                    out[2 * r + 1] += g[2 * r + 1] * a;
-                }
-                float acc = 0.0f;  /* bins of one group are mostly contiguous along r: sum runs, then add */
-                Index current = grp[0];
-                for (int64_t r = 0; r < rows; ++r) {
-                    if (grp[r] != current) {
-                        part[current] += acc * weight[c];
-                        acc = 0.0f;
-                        current = grp[r];
-                    }
-                    acc += g[2 * r] * spec[2 * r] + g[2 * r + 1] * spec[2 * r + 1];
-                }
-                part[current] += acc * weight[c];
-            }
-            for (int64_t r = 0; r < 2 * rows; ++r)
-                out[r] *= weight[c];
-        }
+        for (int64_t c = 0; c < cols; ++c)
+            adjoint_column(grad + c * batch * rows * 2, spectrum + c * rows * 2, group + c * rows, weight[c],
+                           attention, grad_spectrum + c * rows * 2, partial, batch, rows, num_groups);
 #pragma omp critical
         for (int64_t i = 0; i < batch * num_groups; ++i)
             grad_attention[i] += partial[i];
@@ -478,24 +483,29 @@ static DftiCreate1d dfti_create;
 static DftiSet dfti_set;
 static DftiCommit dfti_commit;
 static DftiCompute dfti_backward;
+static DftiCompute dfti_forward;
 /* mkl_dfti.h's configuration names and values */
 enum { DFTI_NUMBER_OF_TRANSFORMS = 7, DFTI_CONJUGATE_EVEN_STORAGE = 10, DFTI_PLACEMENT = 11,
        DFTI_INPUT_DISTANCE = 14, DFTI_OUTPUT_DISTANCE = 15, DFTI_THREAD_LIMIT = 27, DFTI_COMPLEX = 32,
        DFTI_REAL = 33, DFTI_COMPLEX_COMPLEX = 39, DFTI_NOT_INPLACE = 44 };
 
 extern "C"
-void fdconv_set_fft(void *create_single_1d, void *set_value, void *commit, void *compute_backward) {
+void fdconv_set_fft(void *create_single_1d, void *set_value, void *commit, void *compute_backward,
+                    void *compute_forward) {
     dfti_create = reinterpret_cast<DftiCreate1d>(create_single_1d);
     dfti_set = reinterpret_cast<DftiSet>(set_value);
     dfti_commit = reinterpret_cast<DftiCommit>(commit);
     dfti_backward = reinterpret_cast<DftiCompute>(compute_backward);
+    dfti_forward = reinterpret_cast<DftiCompute>(compute_forward);
 }
 
-/* `howmany` unnormalised inverse transforms of length n, one thread: complex in place (contiguous transforms),
- * or conjugate-even (n/2+1 complex) to real, out of place. Null if DFTI refuses. */
-static void *fft_plan(bool real, int64_t n, int64_t howmany) {
-    static thread_local std::map<std::tuple<bool, int64_t, int64_t>, void *> plans;
-    const auto key = std::make_tuple(real, n, howmany);
+/* `howmany` unnormalised transforms of length n, one thread: complex in place (contiguous transforms, either
+ * direction), or real out of place, conjugate-even (n/2+1 complex) to real for the inverse (`forward` false)
+ * and real to conjugate-even for the forward transform. Null if DFTI refuses. */
+static void *fft_plan(bool real, int64_t n, int64_t howmany, bool forward = false) {
+    static thread_local std::map<std::tuple<bool, int64_t, int64_t, bool>, void *> plans;
+    forward = forward && real;  /* a complex plan serves both directions */
+    const auto key = std::make_tuple(real, n, howmany, forward);
     const auto found = plans.find(key);
     if (found != plans.end())
         return found->second;
@@ -509,10 +519,11 @@ static void *fft_plan(bool real, int64_t n, int64_t howmany) {
         status = dfti_set(plan, DFTI_CONJUGATE_EVEN_STORAGE, static_cast<int>(DFTI_COMPLEX_COMPLEX));
     if (!status && real)
         status = dfti_set(plan, DFTI_PLACEMENT, static_cast<int>(DFTI_NOT_INPLACE));
+    const long complex_distance = real ? n / 2 + 1 : n;  /* distances of the computation's input and output */
     if (!status)
-        status = dfti_set(plan, DFTI_INPUT_DISTANCE, static_cast<long>(real ? n / 2 + 1 : n));
+        status = dfti_set(plan, DFTI_INPUT_DISTANCE, forward ? static_cast<long>(n) : complex_distance);
     if (!status)
-        status = dfti_set(plan, DFTI_OUTPUT_DISTANCE, static_cast<long>(n));
+        status = dfti_set(plan, DFTI_OUTPUT_DISTANCE, forward ? complex_distance : static_cast<long>(n));
     if (!status)
         status = dfti_commit(plan);
     if (status)
@@ -763,4 +774,83 @@ void fdconv_band_modulation(const float *x, const float *scale, float *out, cons
             band_plane(x + p * plane, scale + p / channels * bands * plane, out + p * plane, basis, rank_h, rank_w,
                        bands, height, width, buffer);
     }
+}
+
+/* Adjoint of `synthesize` without its modulation (the modulation's backward has run): from dLoss/dmatrix
+ * (B, R, C) to grad_spectrum (H, R, 2) and, added to grad_attention (B, n), the attention's gradient, as
+ * spectrum_adjoint after rfft along C and fft along R with the bins weighted by weight (H). Two passes over
+ * cache-sized blocks again: (1) rows: real FFT along C, stored transposed into `columns` (H, B, R); (2) columns:
+ * FFT along R in place, then the adjoint of the group scaling. Returns 0, or -1 where DFTI refused. */
+template <typename Index>
+static int64_t synthesis_gradient(const float *grad, const float *spectrum, const Index *group, const float *weight,
+                                  const float *attention, float *columns, float *grad_spectrum,
+                                  float *grad_attention, int64_t batch, int64_t rows, int64_t cols,
+                                  int64_t num_groups) {
+    const int64_t half = cols / 2 + 1, total = batch * rows;
+    int64_t height = ROW_BLOCK / cols;  /* rows (of B*R) per block of pass 1 */
+    height = height < 1 ? 1 : height;
+    int64_t width = COLUMN_BLOCK / total;  /* columns per block of pass 2 */
+    width = width < 1 ? 1 : width;
+    const int64_t n_row_blocks = (total + height - 1) / height, n_col_blocks = (half + width - 1) / width;
+    const bool parallel = total * cols > PARALLEL_WORK;
+    int64_t failed = 0;
+#pragma omp parallel if (parallel) reduction(| : failed)
+    {
+        float *buffer = thread_buffer(0, 2 * height * half);
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < n_row_blocks; ++blk) {
+            const int64_t g0 = blk * height, n = g0 + height <= total ? height : total - g0;
+            void *plan = fft_plan(true, cols, n, true);
+            if (!plan || dfti_forward(plan, const_cast<float *>(grad) + g0 * cols, buffer)) {
+                failed = 1;
+                continue;
+            }
+            const uint64_t *src = reinterpret_cast<const uint64_t *>(buffer);  /* complex values as 8 bytes */
+            uint64_t *dst = reinterpret_cast<uint64_t *>(columns) + g0;
+            for (int64_t c = 0; c < half; ++c)
+                for (int64_t g = 0; g < n; ++g)
+                    dst[c * total + g] = src[g * half + c];
+        }
+    }
+    if (failed)
+        return -1;
+#pragma omp parallel if (parallel) reduction(| : failed)
+    {
+        float *partial = static_cast<float *>(calloc(batch * num_groups, sizeof(float)));
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < n_col_blocks; ++blk) {
+            const int64_t c0 = blk * width, n = c0 + width <= half ? width : half - c0;
+            void *plan = fft_plan(false, rows, n * batch);
+            if (!plan || dfti_forward(plan, columns + 2 * c0 * total)) {
+                failed = 1;
+                continue;
+            }
+            for (int64_t c = c0; c < c0 + n; ++c)
+                adjoint_column(columns + 2 * c * total, spectrum + c * rows * 2, group + c * rows, weight[c],
+                               attention, grad_spectrum + c * rows * 2, partial, batch, rows, num_groups);
+        }
+#pragma omp critical
+        for (int64_t i = 0; i < batch * num_groups; ++i)
+            grad_attention[i] += partial[i];
+        free(partial);
+    }
+    return failed ? -1 : 0;
+}
+
+extern "C"
+int64_t fdconv_synthesis_gradient_u8(const float *grad, const float *spectrum, const uint8_t *group,
+                                     const float *weight, const float *attention, float *columns,
+                                     float *grad_spectrum, float *grad_attention, int64_t batch, int64_t rows,
+                                     int64_t cols, int64_t num_groups) {
+    return synthesis_gradient(grad, spectrum, group, weight, attention, columns, grad_spectrum, grad_attention,
+                              batch, rows, cols, num_groups);
+}
+
+extern "C"
+int64_t fdconv_synthesis_gradient_i32(const float *grad, const float *spectrum, const int32_t *group,
+                                      const float *weight, const float *attention, float *columns,
+                                      float *grad_spectrum, float *grad_attention, int64_t batch, int64_t rows,
+                                      int64_t cols, int64_t num_groups) {
+    return synthesis_gradient(grad, spectrum, group, weight, attention, columns, grad_spectrum, grad_attention,
+                              batch, rows, cols, num_groups);
 }

@@ -35,14 +35,18 @@ _SIGNATURES = {
     'fdconv_transpose8': [_P, _P, _I, _I, _I, _I, _I, _I, _I],
     'fdconv_local_modulation': [_P, _I, _I, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I],
     'fdconv_local_modulation_backward': [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I],
-    'fdconv_set_fft': [_P, _P, _P, _P],
+    'fdconv_set_fft': [_P, _P, _P, _P, _P],
     'fdconv_band_modulation': [_P, _P, _P, _P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _I],
     **{f'fdconv_synthesize_{index}': [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I]
        for index in ('u8', 'i32')},
+    **{f'fdconv_synthesis_gradient_{index}': [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
+       for index in ('u8', 'i32')},
 }
-_RETURNS = {name: ctypes.c_int64 for name in ('fdconv_synthesize_u8', 'fdconv_synthesize_i32')}
+_RETURNS = {f'fdconv_{name}_{index}': ctypes.c_int64
+            for name in ('synthesize', 'synthesis_gradient') for index in ('u8', 'i32')}
 # MKL's FFT inside libtorch (torch built with MKL), which fdconv_synthesize_* call
-_DFTI = ('DftiCreateDescriptor_s_1d', 'DftiSetValue', 'DftiCommitDescriptor', 'DftiComputeBackward')
+_DFTI = ('DftiCreateDescriptor_s_1d', 'DftiSetValue', 'DftiCommitDescriptor', 'DftiComputeBackward',
+         'DftiComputeForward')
 
 
 def _cpu_signature() -> str:
@@ -288,6 +292,33 @@ def local_modulation_backward(
         grad_taps.data_ptr(), grad_windows.data_ptr(), 0 if channel_sums is None else channel_sums.data_ptr(),
         batch, rows, in_channels, kernel_size, taps_k)
     return per_tap, grad_taps, grad_windows, channel_sums
+
+
+def synthesis_gradient(
+        grad: torch.Tensor,
+        spectrum: torch.Tensor,
+        group: torch.Tensor,
+        weight: torch.Tensor,
+        attention: torch.Tensor,
+        columns: torch.Tensor,
+        grad_spectrum: torch.Tensor,
+        grad_attention: torch.Tensor,
+) -> bool:
+    """Adjoint of :func:`synthesize` without modulation, in two passes with MKL's FFT inside: grad (B, R, C) ->
+    grad_spectrum (C/2+1, R, 2), written, and the attention's gradient, added to grad_attention (B, n); the bins
+    of column c weighted by weight[c] (see ``FDW.gradient``); columns: scratch of (C/2+1)*B*R*2 floats. False
+    (outputs not written) where MKL refused a transform size."""
+    (batch, rows, cols), half = grad.shape, spectrum.shape[0]
+    _check_contiguous(grad=grad, spectrum=spectrum, group=group, weight=weight, attention=attention,
+                      columns=columns, grad_spectrum=grad_spectrum, grad_attention=grad_attention)
+    assert tuple(spectrum.shape) == tuple(grad_spectrum.shape) == (half, rows, 2) and half == cols // 2 + 1
+    assert tuple(weight.shape) == (half,) and tuple(grad_attention.shape) == tuple(attention.shape)
+    assert attention.shape[0] == batch and columns.numel() >= half * batch * rows * 2
+    status = getattr(library(), f'fdconv_synthesis_gradient_{_suffix(group)}')(
+        grad.data_ptr(), spectrum.data_ptr(), group.data_ptr(), weight.data_ptr(), attention.data_ptr(),
+        columns.data_ptr(), grad_spectrum.data_ptr(), grad_attention.data_ptr(), batch, rows, cols,
+        attention.shape[1])
+    return status == 0
 
 
 def band_modulation(

@@ -1,11 +1,13 @@
-/* Fused CPU loops for FDConv's kernel synthesis (float32, contiguous memory, OpenMP threads).
+/* Fused CPU loops for FDConv (float32, contiguous memory, OpenMP threads).
  *
  * Each function replaces several PyTorch operations that would each make a pass over B x |W| values:
  * the per-group scaling of the spectrum (a gather and two strided products) and its adjoint, the
  * transposition between the two 1-D inverse FFTs (a strided copy), and the local modulation (a batched
- * product for the logits, a sigmoid and a product) and its backward. Built and loaded by native.py; the
- * PyTorch code in fdw.py / ksm.py / fdconv.py computes the same values and is used where this library is not
- * available.
+ * product for the logits, a sigmoid and a product) and its backward. Where torch has MKL, the whole kernel
+ * synthesis and its adjoint run as two passes over cache-sized blocks with MKL's FFT inside (synthesize,
+ * synthesis_gradient); FBM's band modulation is one loop per plane. Built and loaded by native.py; the
+ * PyTorch code in fdw.py / ksm.py / fbm.py / fdconv.py computes the same values and is used where this
+ * library is not available.
  */
 #include <cmath>
 #include <cstdint>

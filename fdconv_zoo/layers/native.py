@@ -1,6 +1,7 @@
-"""Fused CPU loops for kernel synthesis (``native.cpp``), compiled on first use and called through ctypes.
+"""Fused CPU loops for kernel synthesis and FBM (``native.cpp``), compiled on first use, called through ctypes.
 
-Each loop does in one pass over B x |W| values what takes PyTorch several (see native.cpp). The library is
+Each loop does in one pass over B x |W| values what takes PyTorch several (see native.cpp); where torch was
+built with MKL, the synthesis and its adjoint call MKL's FFT (from libtorch) inside their loops. The library is
 built with the system C++ compiler (``$CXX``, else ``c++``) for the CPU it runs on and cached in
 ``$FDCONV_ZOO_CACHE`` (default ``~/.cache/fdconv_zoo``) under a hash of source, compiler and CPU, so it is
 built once per machine. Without a compiler, on other platforms, or with ``FDCONV_ZOO_NATIVE=0`` the layers use

@@ -13,6 +13,7 @@ def test_demo_shows_exact_conversion_and_cost(capsys):
     err = float(re.search(r'max relative error ([\d.e+-]+)', out).group(1))
     assert 0 < err <= 1e-5  # non-zero: the residual branches are live, so the comparison means something
     assert 'params: 11.69M dense -> 12.26M FDConv' in out and 'GFLOPs' in out
+    assert float(re.search(r'\(([\d.]+) in FFTs\)', out).group(1)) > 0  # counted through the fused loops too
 
 
 def test_list_names_every_architecture_and_tag(capsys):

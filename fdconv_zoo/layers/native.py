@@ -9,6 +9,7 @@ their PyTorch code, which computes the same values more slowly. Only float32 CPU
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +128,18 @@ def library() -> ctypes.CDLL | None:
 def fft_usable() -> bool:
     """Whether :func:`synthesize` can run: the library and MKL's FFT (torch's x86-64 builds have it)."""
     return library() is not None and _state.get('fft', False)
+
+
+@contextlib.contextmanager
+def switched_off() -> Iterator[None]:
+    """Inside this block the layers run their PyTorch code, e.g. so that torch's operation counters see every
+    FFT and matrix product. It switches the loops off for the whole process, so it is not for concurrent use."""
+    lib = library()
+    _state['lib'] = None
+    try:
+        yield
+    finally:
+        _state['lib'] = lib
 
 
 def usable_for(dtype: torch.dtype, device: torch.device) -> bool:

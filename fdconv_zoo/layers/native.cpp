@@ -204,22 +204,38 @@ void fdconv_spectrum_adjoint_i32(const float *grad, const float *spectrum, const
                      num_groups);
 }
 
-/* dst[b, j, i] = src[b, i, j] for 8-byte values (complex64), rows `*_stride` apart and matrices `*_batch` apart,
- * in 16 x 16 tiles (measured fastest here) so that both sides are read and written a cache line at a time. */
+#define TILE 16
+
+/* d[j * dst_stride + i] = s[i * src_stride + j] for i in [i0, i1), j in [j0, j1): one tile of an 8-byte-value
+ * (complex64) transposition. Tiles of 16 x 16 (measured fastest here) read and write both sides a cache line
+ * at a time. */
+static inline void transpose_tile(const uint64_t *s, uint64_t *d, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
+                                  int64_t src_stride, int64_t dst_stride) {
+    for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i)
+            d[j * dst_stride + i] = s[i * src_stride + j];
+}
+
+/* The whole (n_i, n_j) -> (n_j, n_i) transposition, tile by tile, on the calling thread. */
+static void transpose_block(const uint64_t *s, uint64_t *d, int64_t n_i, int64_t n_j, int64_t src_stride,
+                            int64_t dst_stride) {
+    for (int64_t i0 = 0; i0 < n_i; i0 += TILE)
+        for (int64_t j0 = 0; j0 < n_j; j0 += TILE)
+            transpose_tile(s, d, i0, i0 + TILE < n_i ? i0 + TILE : n_i, j0, j0 + TILE < n_j ? j0 + TILE : n_j,
+                           src_stride, dst_stride);
+}
+
+/* dst[b, j, i] = src[b, i, j] for 8-byte values, rows `*_stride` apart and matrices `*_batch` apart, the tiles
+ * shared out among the threads. */
 extern "C"
 void fdconv_transpose8(const uint64_t *src, uint64_t *dst, int64_t batch, int64_t n_i, int64_t n_j,
                        int64_t src_stride, int64_t src_batch, int64_t dst_stride, int64_t dst_batch) {
-    const int64_t tile = 16;
-    const int64_t tiles_i = (n_i + tile - 1) / tile, tiles_j = (n_j + tile - 1) / tile;
+    const int64_t tiles_i = (n_i + TILE - 1) / TILE, tiles_j = (n_j + TILE - 1) / TILE;
 #pragma omp parallel for schedule(static) if (batch * n_i * n_j > PARALLEL_WORK)
     for (int64_t t = 0; t < batch * tiles_i * tiles_j; ++t) {
-        const int64_t b = t / (tiles_i * tiles_j), i0 = (t % tiles_i) * tile, j0 = (t / tiles_i % tiles_j) * tile;
-        const int64_t i1 = i0 + tile < n_i ? i0 + tile : n_i, j1 = j0 + tile < n_j ? j0 + tile : n_j;
-        const uint64_t *s = src + b * src_batch;
-        uint64_t *d = dst + b * dst_batch;
-        for (int64_t j = j0; j < j1; ++j)
-            for (int64_t i = i0; i < i1; ++i)
-                d[j * dst_stride + i] = s[i * src_stride + j];
+        const int64_t b = t / (tiles_i * tiles_j), i0 = (t % tiles_i) * TILE, j0 = (t / tiles_i % tiles_j) * TILE;
+        transpose_tile(src + b * src_batch, dst + b * dst_batch, i0, i0 + TILE < n_i ? i0 + TILE : n_i, j0,
+                       j0 + TILE < n_j ? j0 + TILE : n_j, src_stride, dst_stride);
     }
 }
 
@@ -583,10 +599,8 @@ static int64_t synthesize(const float *spectrum, const Index *group, const float
             }
             const uint64_t *src = reinterpret_cast<const uint64_t *>(buffer);  /* complex values as 8 bytes */
             uint64_t *dst = reinterpret_cast<uint64_t *>(columns) + c0;
-            for (int64_t r = 0; r < rows; ++r)
-                for (int64_t b = 0; b < batch; ++b)
-                    for (int64_t j = 0; j < n; ++j)
-                        dst[(r * batch + b) * half + j] = src[(j * batch + b) * rows + r];
+            for (int64_t b = 0; b < batch; ++b)  /* (n, R) of sample b -> (R, n) of its rows of columns */
+                transpose_block(src + b * rows, dst + b * half, n, rows, batch * rows, batch * half);
         }
     }
     if (failed)
@@ -808,10 +822,7 @@ static int64_t synthesis_gradient(const float *grad, const float *spectrum, cons
                 continue;
             }
             const uint64_t *src = reinterpret_cast<const uint64_t *>(buffer);  /* complex values as 8 bytes */
-            uint64_t *dst = reinterpret_cast<uint64_t *>(columns) + g0;
-            for (int64_t c = 0; c < half; ++c)
-                for (int64_t g = 0; g < n; ++g)
-                    dst[c * total + g] = src[g * half + c];
+            transpose_block(src, reinterpret_cast<uint64_t *>(columns) + g0, n, half, half, total);
         }
     }
     if (failed)

@@ -43,22 +43,26 @@ def naive_fdconv(layer: FDConv2d, x: torch.Tensor) -> torch.Tensor:
         a = 2 * torch.sigmoid(g_mod.kernel_fc(hid) / g_mod.kernel_temperature)
         spec = torch.view_as_complex(layer.fdw.spectrum).t() * a[layer.fdw.group_of_bin]  # stored column-major
         matrix = torch.fft.irfft2(spec, s=(cout * k, cg * k))
-        weight = torch.empty(cout, cg, k, k)
-        for o in range(cout):
-            for i in range(cg):
-                weight[o, i] = matrix[o * k:(o + 1) * k, i * k:(i + 1) * k]
         if loc is not None:
             q = loc.norm(p)
             logits = F.conv1d(q[None, None], loc.conv.weight, padding=loc.conv_size // 2)[0]  # (Cout*k*k, Cin)
+        rows = []  # built without in-place writes, so that autograd can differentiate it (tests' oracle)
         for o in range(cout):
+            row = []
             for i in range(cg):
                 ch = (o // (cout // groups)) * cg + i
-                weight[o, i] = weight[o, i] * c[ch] * f[o] * s
+                w = matrix[o * k:(o + 1) * k, i * k:(i + 1) * k] * c[ch] * f[o] * s
                 if loc is not None:
-                    lam = layer.att_multi * torch.sigmoid(logits[o * k * k:(o + 1) * k * k, ch]).view(k, k)
-                    weight[o, i] = weight[o, i] * lam
+                    w = w * layer.att_multi * torch.sigmoid(logits[o * k * k:(o + 1) * k * k, ch]).view(k, k)
+                row.append(w)
+            rows.append(torch.stack(row))
+        weight = torch.stack(rows)
         xm = naive_fbm(layer, xb) if layer.fbm is not None else xb
-        outs.append(F.conv2d(xm[None], weight, layer.bias, layer.stride, layer.padding, layer.dilation, groups)[0])
+        padding = layer.padding
+        if layer.padding_mode != 'zeros':
+            ph, pw = layer.padding
+            xm, padding = F.pad(xm, (pw, pw, ph, ph), mode=layer.padding_mode), 0
+        outs.append(F.conv2d(xm[None], weight, layer.bias, layer.stride, padding, layer.dilation, groups)[0])
     return torch.stack(outs)
 
 

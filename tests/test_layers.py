@@ -1,7 +1,6 @@
 """FDConv2d / FDLinear: parts against a literal implementation of the spec, gradients, dtypes, errors."""
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 
@@ -14,23 +13,20 @@ from safetensors.torch import load, save
 
 from fdconv_zoo import FDConv2d, FDLinear
 from fdconv_zoo.layers import FBM, fourier_basis, native, radial_grouping
-from fdconv_zoo.layers import fdw as fdw_module
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-@pytest.fixture(params=['fused', 'fused-torch-fft', 'torch'])
+@pytest.fixture(params=['fused', 'torch'])
 def loops(request, monkeypatch) -> str:
-    """Run a float32 CPU test with the fused loops of ``native`` (the synthesis with MKL's FFT inside, and
-    without it, as where torch has no MKL) and again with the PyTorch code."""
+    """Run a float32 CPU test with the fused loops of ``native`` (the operators' CPU kernels) and again with the
+    operators' PyTorch code (what CUDA and other devices run)."""
     if request.param == 'torch':
         monkeypatch.setitem(native._state, 'lib', None)
     else:
         assert native.library() is not None, "the fused CPU loops did not build on this machine"
-        assert native.fft_usable(), "torch's MKL FFT is not reachable from the fused loops"
-        monkeypatch.setitem(native._state, 'fft', request.param == 'fused')
     return request.param
 
 
@@ -177,60 +173,30 @@ def test_hand_written_gradient_matches_autograd(make, loops):
     _check_against_autograd(make())
 
 
-@pytest.mark.parametrize('make', [
-    lambda: FDConv2d(24, 40, 3, padding=1, num_freq_groups=16),
-    lambda: FDConv2d(32, 48, 1, stride=2, num_freq_groups=7),
-    lambda: FDConv2d(16, 112, 3, stride=2, padding=1, num_freq_groups=8),
-], ids=['3x3', '1x1-stride', 'small-map'])
-def test_sliced_layer_matches_autograd(monkeypatch, make, loops):
-    """The same with FDW's transforms forced onto slices of a few hundred bytes (uneven ones included), so that
-    the local modulation is taken slice by slice as in large layers."""
-    monkeypatch.setattr(fdw_module, 'WHOLE_TRANSFORM_BYTES', 0)
-    monkeypatch.setattr(fdw_module, 'SLICE_BYTES', 700)
-    _check_against_autograd(make())
-
-
-def _check_against_autograd(fast: nn.Module) -> None:
+def _check_against_autograd(layer: nn.Module) -> None:
+    """Outputs and every gradient of the operator (its registered backward) against autograd through the
+    literal spec implementation (tests/naive.py)."""
     torch.manual_seed(7)
-    randomize_(fast, scale=0.2)
-    plain = copy.deepcopy(fast)
-    plain.recompute = False
-    shape = (3, 9, fast.in_features) if isinstance(fast, FDLinear) else (3, fast.in_channels, 9, 10)
+    randomize_(layer, scale=0.2)
+    reference, as_map = layer, lambda t: t
+    if isinstance(layer, FDLinear):  # a linear layer is a 1x1 FDConv2d on (B, Cin, N, 1) maps
+        reference = FDConv2d(layer.in_features, layer.out_features, 1, num_freq_groups=layer.num_freq_groups)
+        reference.load_state_dict(layer.state_dict())
+        as_map = lambda t: t.transpose(1, 2).unsqueeze(-1)  # noqa: E731
+    shape = (3, 9, layer.in_features) if isinstance(layer, FDLinear) else (3, layer.in_channels, 9, 10)
     x = torch.randn(shape)
-    grad_out = None
-    results = []
-    for layer in (fast, plain):
-        inp = x.clone().requires_grad_()
-        y = layer(inp)
-        grad_out = torch.randn_like(y) if grad_out is None else grad_out
-        y.backward(grad_out)
-        results.append((y.detach(), inp.grad, {n: p.grad for n, p in layer.named_parameters()}))
-    (y1, gx1, g1), (y2, gx2, g2) = results
-    assert rel_err(y1, y2) < 1e-5
-    assert rel_err(gx1, gx2) < 1e-5
-    for name, grad in g2.items():
-        assert rel_err(g1[name], grad) < 1e-4, name
-
-
-@pytest.mark.parametrize('slice_bytes', [1, 3000])
-def test_sliced_transforms_match_autograd(monkeypatch, slice_bytes, loops):
-    """Large layers run the FFTs on slices (see fdw._slice_size); force slicing on a small one (one index per
-    slice, and uneven slices) and check synthesis and its hand-written adjoint against autograd."""
-    monkeypatch.setattr(fdw_module, 'WHOLE_TRANSFORM_BYTES', 0)
-    monkeypatch.setattr(fdw_module, 'SLICE_BYTES', slice_bytes)
-    torch.manual_seed(9)
-    fdw = fdw_module.FourierDisjointWeight(10, 7, 3, 6)
-    nn.init.normal_(fdw.spectrum)
-    att = (torch.rand(3, 6) * 2).requires_grad_()
-    expected = fdw(att)
-    grad = torch.randn_like(expected)
-    grad_att, grad_spectrum = torch.autograd.grad(expected, [att, fdw.spectrum], grad)
-    assert rel_err(fdw.synthesize(att.detach()), expected.detach()) < 1e-6
-    buffer = fdw.gradient_buffer(3, torch.float32)
-    buffer.copy_(grad)
-    got_spectrum, got_att = fdw.gradient(buffer, att.detach())
-    assert rel_err(got_spectrum, grad_spectrum) < 1e-5
-    assert rel_err(got_att, grad_att) < 1e-5
+    inp = x.clone().requires_grad_()
+    y = layer(inp)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    ref_inp = x.clone().requires_grad_()
+    expected = naive_fdconv(reference, as_map(ref_inp))
+    expected.backward(as_map(grad_out))
+    assert rel_err(as_map(y.detach()), expected.detach()) < 1e-5
+    assert rel_err(inp.grad, ref_inp.grad) < 1e-4
+    ref_params = dict(reference.named_parameters())
+    for name, p in layer.named_parameters():
+        assert rel_err(p.grad, ref_params[name].grad) < 1e-4, name
 
 
 def test_fused_loops_match_torch_code(monkeypatch):
@@ -251,9 +217,8 @@ def test_fused_loops_match_torch_code(monkeypatch):
         shape = (batch, 5, layer.in_features) if isinstance(layer, FDLinear) else (batch, layer.in_channels, 7, 6)
         x = torch.randn(shape)
         results = []
-        for loops, fft in ((None, False), (lib, True), (lib, False)):  # PyTorch code first: the reference
+        for loops in (None, lib):  # PyTorch code first: the reference
             monkeypatch.setitem(native._state, 'lib', loops)
-            monkeypatch.setitem(native._state, 'fft', fft)
             with torch.no_grad():
                 y_eval = layer(x)
             inp = x.clone().requires_grad_()
@@ -265,21 +230,16 @@ def test_fused_loops_match_torch_code(monkeypatch):
                 assert rel_err(got, expected) < 1e-5
 
 
-def test_fused_synthesis_falls_back_without_mkl_fft(monkeypatch):
-    """Where torch has no MKL (or MKL refuses a transform size) the fused loops run with torch's FFTs."""
-    with monkeypatch.context() as patch:
-        patch.setattr(torch.backends.mkl, 'is_available', lambda: False)
-        patch.setattr(native, '_state', {})
-        assert native.library() is not None and not native.fft_usable()
+def test_without_mkl_fft_the_operators_run_their_pytorch_code(monkeypatch):
+    """Where torch has no MKL the loops are not used at all (they call MKL's FFT); the layer still works."""
+    monkeypatch.setattr(torch.backends.mkl, 'is_available', lambda: False)
     monkeypatch.setattr(native, '_state', {})
-    assert native.fft_usable()
+    assert native.library() is None
     layer = FDConv2d(24, 40, 3, padding=1, num_freq_groups=16)
-    randomize_(layer, scale=0.3)
-    att = layer.ksm_global(torch.randn(2, 24))
-    modulation = layer.ksm_local.modulation(torch.randn(2, 24, layer.ksm_local.conv_size), torch.float32, None)
-    expected = layer.fdw.synthesize(att.kernel, modulation).clone()
-    monkeypatch.setattr(native, 'synthesize', lambda *args: False)
-    assert rel_err(layer.fdw.synthesize(att.kernel, modulation), expected) < 1e-5
+    x = torch.randn(2, 24, 7, 7)
+    expected = naive_fdconv(layer, x)
+    with torch.no_grad():
+        assert rel_err(layer(x), expected) < 1e-5
 
 
 def test_fused_loops_are_built_once_per_machine(monkeypatch, tmp_path):

@@ -1,18 +1,20 @@
 """Math-only FDConv building blocks: FDW, KSM, FBM and the layers that compose them."""
-from .fbm import FBM, fourier_basis
+from . import ops
+from .fbm import FBM
 from .fdconv import FDConv2d, FDLinear
 from .fdw import (
     FourierDisjointWeight,
+    check_grouping,
     dense_spectrum,
     matrix_to_weight,
     radial_grouping,
     weight_to_matrix,
 )
 from .ksm import GlobalAttention, KSMGlobal, KSMLocal, local_kernel_size
-from .workspace import release_workspace
+from .ops import fourier_basis, release_workspace
 
 __all__ = [
     'FBM', 'FDConv2d', 'FDLinear', 'FourierDisjointWeight', 'GlobalAttention', 'KSMGlobal', 'KSMLocal',
-    'dense_spectrum', 'fourier_basis', 'local_kernel_size', 'matrix_to_weight', 'radial_grouping', 'release_workspace',
-    'weight_to_matrix',
+    'check_grouping', 'dense_spectrum', 'fourier_basis', 'local_kernel_size', 'matrix_to_weight', 'radial_grouping', 'release_workspace',
+    'ops', 'weight_to_matrix',
 ]

@@ -14,10 +14,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.metaformer import StarReLU
 
-from . import native
-from .fdw import Modulation
-from .workspace import scratch
-
 
 def _identity_logit(att_multi: float, temperature: float) -> float:
     """The pre-activation z with att_multi * sigmoid(z / temperature) == 1 (0 for the paper's att_multi=2)."""
@@ -106,8 +102,10 @@ class KSMGlobal(nn.Module):
 class KSMLocal(nn.Module):
     """Local KSM: LayerNorm of the pooled vector, then a 1-D conv along the channel axis with Cout*k*k outputs.
 
-    Output channel o*k*k + u*k + v at position i is the logit of weight element [o, i, u, v]; with groups > 1
-    element [o, i, u, v] reads input channel (o // (Cout/g)) * Cg + i, and only those logits are computed.
+    Output channel o*k*k + u*k + v at position c is the logit of weight element [o, i, u, v] for the input
+    channel c it reads (c = i for groups = 1, else (o // (Cout/g))*Cg + i). The conv runs inside the kernel
+    synthesis (``ops.synthesize``), which makes only those logits, on the fly: this module gives its input
+    windows and its taps.
     """
 
     def __init__(
@@ -115,7 +113,6 @@ class KSMLocal(nn.Module):
             in_channels: int,
             out_channels: int,
             kernel_size: int,
-            groups: int = 1,
             device=None,
             dtype=None,
     ):
@@ -124,13 +121,9 @@ class KSMLocal(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
-        self.groups = groups
         self.conv_size = local_kernel_size(in_channels)
         self.norm = nn.LayerNorm(in_channels, **dd)
         self.conv = nn.Conv1d(1, out_channels * kernel_size ** 2, self.conv_size, bias=False, **dd)
-        cg = in_channels // groups
-        channel = (torch.arange(out_channels) // (out_channels // groups))[:, None] * cg + torch.arange(cg)
-        self.register_buffer('channel_of_element', channel.to(device), persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -138,100 +131,11 @@ class KSMLocal(nn.Module):
         nn.init.zeros_(self.conv.weight)
         self.norm.reset_parameters()
 
-    def windows(self, pooled: torch.Tensor) -> torch.Tensor:
+    def taps(self) -> torch.Tensor:
+        """The conv's taps (Cout*k*k, K)."""
+        return self.conv.weight.view(-1, self.conv_size)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """The 1-D conv's input windows (B, Cin, K) of the normalised pooled vector (zero padded)."""
         pad = self.conv_size // 2
         return F.pad(self.norm(pooled), (pad, pad)).unfold(1, self.conv_size, 1)
-
-    def logits(self, windows: torch.Tensor) -> torch.Tensor:
-        """Windows (B, Cin, K) -> logits (B, Cout, Cg, k*k); apply ``att_multi * sigmoid`` to get the factors."""
-        kk = self.kernel_size ** 2
-        taps = self.conv.weight.view(self.out_channels, kk, self.conv_size)
-        if self.groups == 1:
-            return torch.einsum('bit,out->boiu', windows, taps)
-        windows = windows[:, self.channel_of_element]  # (B, Cout, Cg, K)
-        return torch.einsum('boit,out->boiu', windows, taps)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(B, Cin) -> logits (B, Cout, Cg, k*k)."""
-        return self.logits(self.windows(pooled))
-
-    def expanded_windows(self, windows: torch.Tensor) -> torch.Tensor:
-        """(B, Cin, K) -> (B, Cin*k, K*k) with entry [(i, v), (t, v')] = windows[i, t] if v == v' else 0, so that
-        ``expanded_taps() @ expanded_windows().T`` gives the logits in the weight-matrix layout of FDW."""
-        k = self.kernel_size
-        eye = torch.eye(k, device=windows.device, dtype=windows.dtype)
-        return (windows[:, :, None, :, None] * eye[:, None, :]).flatten(3).flatten(1, 2)
-
-    def expanded_taps(self) -> torch.Tensor:
-        """The taps as (Cout*k, K*k), entry [(o, u), (t, v)] = tap t of output channel o*k*k + u*k + v."""
-        k = self.kernel_size
-        taps = self.conv.weight.view(self.out_channels, k, k, self.conv_size)
-        return taps.transpose(2, 3).reshape(self.out_channels * k, self.conv_size * k)
-
-    def matrix_logits(self, windows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """groups = 1: logits in FDW's weight-matrix layout (B, Cout*k, Cin*k), written into ``out``."""
-        taps = self.expanded_taps().to(out.dtype)
-        windows = self.expanded_windows(windows.to(out.dtype))
-        return torch.bmm(taps.expand(windows.shape[0], -1, -1), windows.transpose(1, 2), out=out)
-
-    def modulation(
-            self,
-            windows: torch.Tensor,
-            dtype: torch.dtype,
-            sigmoid_out: torch.Tensor | None,
-            channel: torch.Tensor | None = None,
-    ) -> Modulation:
-        """groups = 1: the product with sigmoid(L) in FDW's weight-matrix layout, for ``FDW.synthesize`` to apply
-        slice by slice; sigmoid(L) also goes to ``sigmoid_out`` (B, Cout*k, Cin*k) if given. In float32 on the
-        CPU it is a ``native.LocalModulation``: the fused loop makes the logits on the fly (no B x |W| logits
-        tensor, one pass) and can multiply by a channel attention (B, Cin) on the way; otherwise sigmoid(L) is
-        made first, in ``sigmoid_out`` or scratch memory (and ``channel`` must be None)."""
-        taps = self.conv.weight.detach().to(dtype).view(-1, self.conv_size)
-        windows = windows.to(dtype).contiguous()
-        k, rows, cols = self.kernel_size, self.out_channels * self.kernel_size, self.in_channels * self.kernel_size
-        if native.usable(taps, windows):
-            channel = None if channel is None else channel.to(dtype).contiguous()
-            return native.LocalModulation(taps, windows, channel, k, sigmoid_out)
-        if channel is not None:
-            raise ValueError("only the fused CPU loops fold the channel attention into the kernels")
-        if sigmoid_out is None:
-            sigmoid_out = scratch('ksm.local', (windows.shape[0], rows, cols), windows.device, dtype)
-        self.matrix_logits(windows, out=sigmoid_out).sigmoid_()
-
-        def product(part: torch.Tensor, out: torch.Tensor, first_row: int) -> None:
-            torch.mul(part, sigmoid_out[:, first_row:first_row + part.shape[1]], out=out)
-        return product
-
-    def fused_modulation_backward(
-            self,
-            product: torch.Tensor,
-            grad: torch.Tensor,
-            windows: torch.Tensor,
-            channel: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """groups = 1, float32 CPU: backward of P = M * sigmoid(L) (* channel (B, Cin) if given) in one pass of
-        the fused loop, sigmoid(L) made again rather than stored. Turns ``grad`` (dLoss/dP) into dLoss/dM in
-        place and returns sum_i P * dP per (sample, Cout, k, k), the gradients of the conv taps (like
-        ``conv.weight``) and of the windows (B, Cin, K), and sum_(o,u,v) P * dP per (sample, Cin) (None without
-        ``channel``). Use :meth:`matrix_logits_backward` where the fused loops do not apply."""
-        taps = self.conv.weight.detach().to(product.dtype).view(-1, self.conv_size)
-        windows = windows.to(product.dtype).contiguous()
-        channel = None if channel is None else channel.to(product.dtype).contiguous()
-        per_tap, grad_taps, grad_windows, channel_sums = native.local_modulation_backward(
-            product, grad, taps, windows, channel, self.kernel_size)
-        k = self.kernel_size
-        return (per_tap.view(-1, self.out_channels, k, k), grad_taps.view(self.conv.weight.shape), grad_windows,
-                channel_sums)
-
-    def matrix_logits_backward(
-            self, grad: torch.Tensor, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradient of :meth:`matrix_logits` (B, Cout*k, Cin*k) -> gradients of the conv taps (shaped like
-        ``conv.weight``) and of the windows (B, Cin, K)."""
-        k, b = self.kernel_size, grad.shape[0]
-        expanded = self.expanded_windows(windows.to(grad.dtype))
-        grad_taps = torch.bmm(expanded.transpose(1, 2), grad.transpose(1, 2)).sum(0).t()  # (Cout*k, K*k)
-        grad_taps = grad_taps.view(self.out_channels, k, self.conv_size, k).transpose(2, 3)
-        expanded = torch.bmm(self.expanded_taps().to(grad.dtype).t().expand(b, -1, -1), grad)  # (B, K*k, Cin*k)
-        grad_windows = expanded.view(b, self.conv_size, k, self.in_channels, k).diagonal(dim1=2, dim2=4).sum(-1)
-        return grad_taps.reshape(self.conv.weight.shape), grad_windows.transpose(1, 2)

@@ -1,25 +1,42 @@
-/* Fused CPU loops for FDConv (float32, contiguous memory, OpenMP threads).
+/* Fused CPU loops for FDConv (float32, contiguous memory, OpenMP threads), the CPU kernels of the fdconv
+ * operators (ops.py).
  *
- * Each function replaces several PyTorch operations that would each make a pass over B x |W| values:
- * the per-group scaling of the spectrum (a gather and two strided products) and its adjoint, the
- * transposition between the two 1-D inverse FFTs (a strided copy), and the local modulation (a batched
- * product for the logits, a sigmoid and a product) and its backward. Where torch has MKL, the whole kernel
- * synthesis and its adjoint run as two passes over cache-sized blocks with MKL's FFT inside (synthesize,
- * synthesis_gradient); FBM's band modulation is one loop per plane. Built and loaded by native.py; the
- * PyTorch code in fdw.py / ksm.py / fbm.py / fdconv.py computes the same values and is used where this
- * library is not available.
+ * Each function replaces several PyTorch operations that would each make a pass over B x |W| values: the
+ * kernel synthesis and its adjoint run as two passes over cache-sized blocks with MKL's FFT inside
+ * (synthesize, synthesis_gradient), the backward of the local modulation is one pass, and FBM's band
+ * modulation is one loop per plane. Built and loaded by native.py, which validates every argument; the
+ * PyTorch code in ops.py computes the same values and is used where this library is not available.
+ *
+ * Every entry point returns a status (FDCONV_OK, or what went wrong) instead of aborting: no exception leaves
+ * an OpenMP region, every allocation is checked, and group ids are checked against the number of groups
+ * where they are read. Per-thread block buffers come from the caller (`work`, fdconv_workspace_floats), so
+ * the caller owns and can free them.
  */
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <new>
+#include <omp.h>
 #include <vector>
 #include <tuple>
 
 #define LANES 16
 /* Loops over fewer values than this run on one thread: waking the others costs more than they save. */
 #define PARALLEL_WORK 32768
+
+enum { FDCONV_OK = 0, FDCONV_FFT_REFUSED = 1, FDCONV_OUT_OF_MEMORY = 2, FDCONV_BAD_GROUP = 3 };
+
+/* malloc of n floats; null on failure (the caller reports FDCONV_OUT_OF_MEMORY) */
+static inline float *alloc_floats(int64_t n) { return static_cast<float *>(malloc(sizeof(float) * (n > 0 ? n : 1))); }
+static inline float *calloc_floats(int64_t n) { return static_cast<float *>(calloc(n > 0 ? n : 1, sizeof(float))); }
+
+/* Whether group id g is in [0, n): ids come from checkpoints and must never index outside the attention. */
+template <typename Index>
+static inline bool valid_group(Index g, int64_t n) {
+    return static_cast<uint64_t>(static_cast<int64_t>(g)) < static_cast<uint64_t>(n);
+}
 
 /* 16 floats / int32s as one value: gcc and clang map the arithmetic onto whatever SIMD the CPU has. */
 typedef float vfloat __attribute__((vector_size(4 * LANES), aligned(4)));
@@ -62,10 +79,13 @@ static inline float sigmoid1(float x) {
     return vsigmoid(splat(x))[0];
 }
 
-/* Windows spread along the weight-matrix columns: spread[b, t, i*k + v] = windows[b, i, t]. */
+/* Windows spread along the weight-matrix columns: spread[b, t, i*k + v] = windows[b, i, t]; null if out of
+ * memory. */
 static float *spread_windows(const float *windows, int64_t batch, int64_t in_channels, int64_t k, int64_t taps_k) {
     const int64_t cols = in_channels * k;
-    float *spread = static_cast<float *>(malloc(sizeof(float) * batch * taps_k * cols));
+    float *spread = alloc_floats(batch * taps_k * cols);
+    if (!spread)
+        return nullptr;
 #pragma omp parallel for schedule(static) if (batch * taps_k * cols > PARALLEL_WORK)
     for (int64_t bt = 0; bt < batch * taps_k; ++bt) {
         const int64_t b = bt / taps_k, t = bt % taps_k;
@@ -97,27 +117,20 @@ static void sum_spread(const float *spread, float *out, int64_t out_stride, int6
     }
 }
 
-/* dst[r, :] = spectrum[r, :] * attention[group[r]] * factor for one column of R bins (real/imag pairs). */
+/* dst[r, :] = spectrum[r, :] * attention[group[r]] * factor for one column of R bins (real/imag pairs);
+ * false (and zeros for that bin) where a group id is outside [0, num_groups). */
 template <typename Index>
-static inline void scale_column(const float *spectrum, const Index *group, const float *attention, float *dst,
-                                int64_t rows, float factor) {
+static inline bool scale_column(const float *spectrum, const Index *group, const float *attention, float *dst,
+                                int64_t rows, int64_t num_groups, float factor) {
+    bool ok = true;
     for (int64_t r = 0; r < rows; ++r) {
-        const float s = attention[group[r]] * factor;
+        const bool valid = valid_group(group[r], num_groups);
+        ok &= valid;
+        const float s = valid ? attention[group[r]] * factor : 0.0f;
         dst[2 * r] = spectrum[2 * r] * s;
         dst[2 * r + 1] = spectrum[2 * r + 1] * s;
     }
-}
-
-/* out[c, b, r, :] = spectrum[c, r, :] * attention[b, group[c, r]]
- * spectrum (C, R, 2), group (C, R) uint8 or int32, attention (B, n), out (C, B, R, 2). */
-template <typename Index>
-static void scale_spectrum(const float *spectrum, const Index *group, const float *attention, float *out,
-                           int64_t cols, int64_t rows, int64_t batch, int64_t num_groups) {
-#pragma omp parallel for schedule(static) if (cols * batch * rows > PARALLEL_WORK)
-    for (int64_t c = 0; c < cols; ++c)
-        for (int64_t b = 0; b < batch; ++b)
-            scale_column(spectrum + c * rows * 2, group + c * rows, attention + b * num_groups,
-                         out + (c * batch + b) * rows * 2, rows, 1.0f);
+    return ok;
 }
 
 /* Adjoint of the group scaling for one column c of bins (pointers at the column):
@@ -125,9 +138,12 @@ static void scale_spectrum(const float *spectrum, const Index *group, const floa
  *   partial[b, g] += sum over bins r of group g: weight * <grad[b, r], spectrum[r]>
  * grad (B, R, 2), spectrum and grad_spectrum (R, 2), group (R), attention and partial (B, n). */
 template <typename Index>
-static void adjoint_column(const float *grad, const float *spectrum, const Index *group, float weight,
+static bool adjoint_column(const float *grad, const float *spectrum, const Index *group, float weight,
                            const float *attention, float *grad_spectrum, float *partial, int64_t batch, int64_t rows,
                            int64_t num_groups) {
+    for (int64_t r = 0; r < rows; ++r)
+        if (!valid_group(group[r], num_groups))
+            return false;
     for (int64_t r = 0; r < 2 * rows; ++r)
         grad_spectrum[r] = 0.0f;
     for (int64_t b = 0; b < batch; ++b) {
@@ -152,56 +168,7 @@ static void adjoint_column(const float *grad, const float *spectrum, const Index
     }
     for (int64_t r = 0; r < 2 * rows; ++r)
         grad_spectrum[r] *= weight;
-}
-
-/* adjoint_column for columns [0, cols) of a slice (pointers at its first column), adding to grad_attention:
- * grad (cols, B, R, 2), spectrum and grad_spectrum (cols, R, 2), group (cols, R) uint8 or int32, weight (cols). */
-template <typename Index>
-static void spectrum_adjoint(const float *grad, const float *spectrum, const Index *group, const float *weight,
-                             const float *attention, float *grad_spectrum, float *grad_attention, int64_t cols,
-                             int64_t batch, int64_t rows, int64_t num_groups) {
-#pragma omp parallel if (cols * batch * rows > PARALLEL_WORK)
-    {
-        float *partial = static_cast<float *>(calloc(batch * num_groups, sizeof(float)));
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < cols; ++c)
-            adjoint_column(grad + c * batch * rows * 2, spectrum + c * rows * 2, group + c * rows, weight[c],
-                           attention, grad_spectrum + c * rows * 2, partial, batch, rows, num_groups);
-#pragma omp critical
-        for (int64_t i = 0; i < batch * num_groups; ++i)
-            grad_attention[i] += partial[i];
-        free(partial);
-    }
-}
-
-/* The group index is uint8 where n <= 256 (a quarter of the memory traffic of int32). */
-extern "C"
-void fdconv_scale_spectrum_u8(const float *spectrum, const uint8_t *group, const float *attention, float *out,
-                              int64_t cols, int64_t rows, int64_t batch, int64_t num_groups) {
-    scale_spectrum(spectrum, group, attention, out, cols, rows, batch, num_groups);
-}
-
-extern "C"
-void fdconv_scale_spectrum_i32(const float *spectrum, const int32_t *group, const float *attention, float *out,
-                               int64_t cols, int64_t rows, int64_t batch, int64_t num_groups) {
-    scale_spectrum(spectrum, group, attention, out, cols, rows, batch, num_groups);
-}
-
-extern "C"
-void fdconv_spectrum_adjoint_u8(const float *grad, const float *spectrum, const uint8_t *group, const float *weight,
-                                const float *attention, float *grad_spectrum, float *grad_attention, int64_t cols,
-                                int64_t batch, int64_t rows, int64_t num_groups) {
-    spectrum_adjoint(grad, spectrum, group, weight, attention, grad_spectrum, grad_attention, cols, batch, rows,
-                     num_groups);
-}
-
-extern "C"
-void fdconv_spectrum_adjoint_i32(const float *grad, const float *spectrum, const int32_t *group,
-                                 const float *weight, const float *attention, float *grad_spectrum,
-                                 float *grad_attention, int64_t cols, int64_t batch, int64_t rows,
-                                 int64_t num_groups) {
-    spectrum_adjoint(grad, spectrum, group, weight, attention, grad_spectrum, grad_attention, cols, batch, rows,
-                     num_groups);
+    return true;
 }
 
 #define TILE 16
@@ -223,20 +190,6 @@ static void transpose_block(const uint64_t *s, uint64_t *d, int64_t n_i, int64_t
         for (int64_t j0 = 0; j0 < n_j; j0 += TILE)
             transpose_tile(s, d, i0, i0 + TILE < n_i ? i0 + TILE : n_i, j0, j0 + TILE < n_j ? j0 + TILE : n_j,
                            src_stride, dst_stride);
-}
-
-/* dst[b, j, i] = src[b, i, j] for 8-byte values, rows `*_stride` apart and matrices `*_batch` apart, the tiles
- * shared out among the threads. */
-extern "C"
-void fdconv_transpose8(const uint64_t *src, uint64_t *dst, int64_t batch, int64_t n_i, int64_t n_j,
-                       int64_t src_stride, int64_t src_batch, int64_t dst_stride, int64_t dst_batch) {
-    const int64_t tiles_i = (n_i + TILE - 1) / TILE, tiles_j = (n_j + TILE - 1) / TILE;
-#pragma omp parallel for schedule(static) if (batch * n_i * n_j > PARALLEL_WORK)
-    for (int64_t t = 0; t < batch * tiles_i * tiles_j; ++t) {
-        const int64_t b = t / (tiles_i * tiles_j), i0 = (t % tiles_i) * TILE, j0 = (t / tiles_i % tiles_j) * TILE;
-        transpose_tile(src + b * src_batch, dst + b * dst_batch, i0, i0 + TILE < n_i ? i0 + TILE : n_i, j0,
-                       j0 + TILE < n_j ? j0 + TILE : n_j, src_stride, dst_stride);
-    }
 }
 
 /* Columns [j, cols) of one row of the local modulation (j a multiple of the block), any k and K. */
@@ -304,56 +257,18 @@ static inline void modulate_row(const float *src, float *dst, float *sig, const 
     modulate_columns(src, dst, sig, pattern, win, scale, 0, cols, block, taps_k);
 }
 
-/* Local modulation in FDW's weight-matrix layout, for rows [row_begin, row_begin + n_rows) of every sample:
- *   logit[b, (o,u), (i,v)] = sum_t taps[(o*k + u)*k + v, t] * windows[b, i, t]
- *   out[b, row, col] = matrix[b, row, col] * sigmoid(logit) * channel[b, i]
- * (channel may be null: factor 1), and sigmoid(logit) to `sigmoid_out` if given. taps (Cout*k*k, K), windows
- * and channel (B, Cin, K) and (B, Cin); matrix and out/sigmoid_out point at the first row of the slice,
- * rows `*_row_stride` apart and samples `*_batch_stride` apart (the slice may be in (rows, B) order).
- * The logits are made 16*k columns at a time: the tap pattern of a row repeats every k columns, so a block
- * holds whole vectors of it and the inner loops vectorise. */
-extern "C"
-void fdconv_local_modulation(const float *matrix, int64_t src_row_stride, int64_t src_batch_stride, float *out,
-                             float *sigmoid_out, int64_t dst_row_stride, int64_t dst_batch_stride,
-                             const float *taps, const float *windows, const float *channel, int64_t batch,
-                             int64_t in_channels, int64_t k, int64_t taps_k, int64_t row_begin, int64_t n_rows) {
-    const int64_t cols = in_channels * k, block = LANES * k;
-    float *spread = spread_windows(windows, batch, in_channels, k, taps_k);
-    float *channel_spread = channel ? spread_windows(channel, batch, in_channels, k, 1) : nullptr;
-#pragma omp parallel if (batch * n_rows * cols > PARALLEL_WORK)
-    {
-        float *pattern = static_cast<float *>(malloc(sizeof(float) * taps_k * block));
-        int64_t pattern_row = -1;
-#pragma omp for schedule(static)
-        for (int64_t rb = 0; rb < n_rows * batch; ++rb) {  /* sample fastest: one tap pattern per row */
-            const int64_t r = rb / batch, b = rb % batch, row = row_begin + r;
-            if (row != pattern_row) {
-                fill_pattern(pattern, taps, row, k, taps_k, block);
-                pattern_row = row;
-            }
-            modulate_row(matrix + b * src_batch_stride + r * src_row_stride,
-                         out + b * dst_batch_stride + r * dst_row_stride,
-                         sigmoid_out ? sigmoid_out + b * dst_batch_stride + r * dst_row_stride : nullptr,
-                         pattern, spread + b * taps_k * cols, channel_spread ? channel_spread + b * cols : nullptr,
-                         cols, block, taps_k);
-        }
-        free(pattern);
-    }
-    free(channel_spread);
-    free(spread);
-}
-
 /* One (row, sample) of fdconv_local_modulation_backward. The columns are taken phase by phase (the columns
  * j = phase*LANES + m*block share one slice of the tap pattern), so the pattern and the tap-gradient
- * accumulators of a phase stay in registers; TAPS is K when known at compile time (0: any K up to 32). */
+ * accumulators of a phase stay in registers; TAPS is K when known at compile time (0: any K, value by value,
+ * no fixed-size arrays). */
 template <int TAPS>
 static void backward_row(int64_t taps_k, const float *pattern, int64_t block, int64_t cols,
                          const float *p, float *g, const float *win, float *gw, const float *scale,
                          float *column_sum, float *tap_acc, float *pdp_acc) {
-    constexpr int kMax = TAPS ? TAPS : 32;
+    constexpr int kMax = TAPS ? TAPS : 1;
     const int64_t n_taps = TAPS ? TAPS : taps_k;
     vfloat pat[kMax], acc[kMax];  /* per phase: the taps and their gradient sums */
-    for (int64_t offset = 0; offset < block; offset += LANES) {
+    for (int64_t offset = 0; TAPS && offset < block; offset += LANES) {
         for (int64_t t = 0; t < n_taps; ++t) {
             pat[t] = load(pattern + t * block + offset);
             acc[t] = load(tap_acc + t * block + offset);
@@ -384,7 +299,7 @@ static void backward_row(int64_t taps_k, const float *pattern, int64_t block, in
             store(tap_acc + t * block + offset, acc[t]);
         store(pdp_acc + offset, pdp_sum);
     }
-    for (int64_t j = cols / LANES * LANES; j < cols; ++j) {  /* the last partial vector, value by value */
+    for (int64_t j = TAPS ? cols / LANES * LANES : 0; j < cols; ++j) {  /* the last partial vector, value by value */
         const int64_t offset = j % block;
         float logit = 0.0f;
         for (int64_t t = 0; t < n_taps; ++t)
@@ -428,23 +343,29 @@ static void backward_dispatch(int64_t taps_k, const float *pattern, int64_t bloc
  * Rows are split between threads (each owns its rows of grad_taps); grad_windows is summed per thread in the
  * spread layout and reduced at the end. */
 extern "C"
-void fdconv_local_modulation_backward(const float *product, float *grad, const float *taps, const float *windows,
-                                      const float *channel, float *per_tap, float *grad_taps, float *grad_windows,
-                                      float *channel_sums, int64_t batch, int64_t rows, int64_t in_channels,
-                                      int64_t k, int64_t taps_k) {
+int64_t fdconv_local_modulation_backward(const float *product, float *grad, const float *taps,
+                                         const float *windows, const float *channel, float *per_tap,
+                                         float *grad_taps, float *grad_windows, float *channel_sums, int64_t batch,
+                                         int64_t rows, int64_t in_channels, int64_t k, int64_t taps_k) {
     const int64_t cols = in_channels * k, block = LANES * k, spread_size = batch * taps_k * cols;
     /* per thread: grad_windows in the spread layout, then (with channel) the column sums of P * dP */
     const int64_t partial_size = spread_size + (channel ? batch * cols : 0);
     float *spread = spread_windows(windows, batch, in_channels, k, taps_k);
     float *channel_spread = channel ? spread_windows(channel, batch, in_channels, k, 1) : nullptr;
-    float *total = static_cast<float *>(calloc(partial_size, sizeof(float)));
-#pragma omp parallel if (batch * rows * cols > PARALLEL_WORK)
+    float *total = calloc_floats(partial_size);
+    int64_t failed = !spread || (channel && !channel_spread) || !total;
+    if (!failed) {
+#pragma omp parallel if (batch * rows * cols > PARALLEL_WORK) reduction(| : failed)
     {
-        float *pattern = static_cast<float *>(malloc(sizeof(float) * taps_k * block));
-        float *tap_acc = static_cast<float *>(malloc(sizeof(float) * (taps_k + 1) * block));
-        float *grad_spread = static_cast<float *>(calloc(partial_size, sizeof(float)));
+        float *pattern = alloc_floats(taps_k * block);
+        float *tap_acc = alloc_floats((taps_k + 1) * block);
+        float *grad_spread = calloc_floats(partial_size);
+        const bool ready = pattern && tap_acc && grad_spread;
+        failed |= !ready;
 #pragma omp for schedule(static)
         for (int64_t row = 0; row < rows; ++row) {
+            if (!ready)
+                continue;
             fill_pattern(pattern, taps, row, k, taps_k, block);
             for (int64_t q = 0; q < taps_k * block; ++q)
                 tap_acc[q] = 0.0f;
@@ -467,23 +388,29 @@ void fdconv_local_modulation_backward(const float *product, float *grad, const f
                 for (int64_t q = 0; q < block; ++q)
                     grad_taps[(row * k + q % k) * taps_k + t] += tap_acc[t * block + q];
         }
+        if (ready) {
 #pragma omp critical
-        for (int64_t q = 0; q < partial_size; ++q)
-            total[q] += grad_spread[q];
+            for (int64_t q = 0; q < partial_size; ++q)
+                total[q] += grad_spread[q];
+        }
         free(grad_spread);
         free(tap_acc);
         free(pattern);
     }
-    for (int64_t bt = 0; bt < batch * taps_k; ++bt) {  /* spread[b, t, i*k + v] -> grad_windows[b, i, t] */
-        const int64_t b = bt / taps_k, t = bt % taps_k;
-        sum_spread(total + bt * cols, grad_windows + b * in_channels * taps_k + t, taps_k, in_channels, k);
     }
-    if (channel)
-        for (int64_t b = 0; b < batch; ++b)
-            sum_spread(total + spread_size + b * cols, channel_sums + b * in_channels, 1, in_channels, k);
+    if (!failed) {
+        for (int64_t bt = 0; bt < batch * taps_k; ++bt) {  /* spread[b, t, i*k + v] -> grad_windows[b, i, t] */
+            const int64_t b = bt / taps_k, t = bt % taps_k;
+            sum_spread(total + bt * cols, grad_windows + b * in_channels * taps_k + t, taps_k, in_channels, k);
+        }
+        if (channel)
+            for (int64_t b = 0; b < batch; ++b)
+                sum_spread(total + spread_size + b * cols, channel_sums + b * in_channels, 1, in_channels, k);
+    }
     free(total);
     free(channel_spread);
     free(spread);
+    return failed ? FDCONV_OUT_OF_MEMORY : FDCONV_OK;
 }
 
 /* ---- Kernel synthesis with the FFT inside the loops (MKL's DFTI, from the libtorch that torch was built with) ----
@@ -546,55 +473,101 @@ static void *fft_plan(bool real, int64_t n, int64_t howmany, bool forward = fals
         status = dfti_commit(plan);
     if (status)
         return nullptr;  /* the descriptor is leaked: this only happens on a broken MKL, once */
-    plans[key] = plan;
+    try {
+        plans[key] = plan;
+    } catch (const std::bad_alloc &) {
+        return nullptr;
+    }
     return plan;
 }
 
-/* A buffer of at least n floats kept by the calling thread for the next call (slot: which one): blocks of a
- * few hundred KB, which malloc would map and fault in afresh on every call. */
-static float *thread_buffer(int slot, int64_t n) {
-    static thread_local std::vector<float> buffers[2];
-    if (static_cast<int64_t>(buffers[slot].size()) < n)
-        buffers[slot].resize(n);
-    return buffers[slot].data();
-}
+/* This thread's part of the caller's workspace: `per_thread` floats for each thread of the team. */
+static inline float *thread_work(float *work, int64_t per_thread) { return work + omp_get_thread_num() * per_thread; }
 
 /* Values per block of the two passes (complex bins of pass 1, real values of pass 2): 512 and 256 KB, which
  * keeps each thread's block in its L2 cache (measured best of 128 KB - 2 MB here). */
 #define COLUMN_BLOCK 65536
 #define ROW_BLOCK 65536
 
+/* Block sizes of the synthesis: columns per block of pass 1, rows (of R*B) per block of pass 2. */
+static void synthesis_blocks(int64_t batch, int64_t rows, int64_t cols, int64_t *width, int64_t *height) {
+    const int64_t w = COLUMN_BLOCK / (batch * rows), h = ROW_BLOCK / cols;
+    *width = w < 1 ? 1 : w > 16 ? 16 : w;
+    *height = h < 1 ? 1 : h;
+}
+
+/* Block sizes of the adjoint: rows (of B*R) per block of pass 1, columns per block of pass 2. */
+static void gradient_blocks(int64_t batch, int64_t rows, int64_t cols, int64_t *height, int64_t *width) {
+    const int64_t h = ROW_BLOCK / cols, w = COLUMN_BLOCK / (batch * rows);
+    *height = h < 1 ? 1 : h;
+    *width = w < 1 ? 1 : w;
+}
+
+static int64_t synthesis_work(int64_t batch, int64_t rows, int64_t cols) {
+    int64_t width, height;
+    synthesis_blocks(batch, rows, cols, &width, &height);
+    const int64_t pass1 = 2 * width * batch * rows, pass2 = height * cols;
+    return pass1 > pass2 ? pass1 : pass2;
+}
+
+static int64_t gradient_work(int64_t batch, int64_t rows, int64_t cols) {
+    int64_t width, height;
+    gradient_blocks(batch, rows, cols, &height, &width);
+    return 2 * height * (cols / 2 + 1);
+}
+
+/* FBM: the zero-padded bases, shared by the threads, and each thread's part. */
+static void band_work(int64_t height, int64_t width, int64_t rh, int64_t rw, int64_t bands, int64_t *shared,
+                      int64_t *per_thread) {
+    const int64_t rwp = (rw + LANES - 1) / LANES * LANES, wp = (width + LANES - 1) / LANES * LANES;
+    *shared = height * rh + width * rwp + rw * wp;
+    *per_thread = (height + rh) * rwp + bands * rh * wp + 2 * wp;
+}
+
+/* Floats of the `work` argument of fdconv_synthesize_* (kind 0: batch, rows, cols), fdconv_synthesis_gradient_*
+ * (kind 1: the same) and fdconv_band_modulation (kind 2: height, width, max rank_h, max rank_w, bands) for a
+ * team of omp_get_max_threads() threads. */
+extern "C"
+int64_t fdconv_workspace_floats(int64_t kind, int64_t a, int64_t b, int64_t c, int64_t d, int64_t e) {
+    const int64_t threads = omp_get_max_threads();
+    if (kind == 0)
+        return threads * synthesis_work(a, b, c);
+    if (kind == 1)
+        return threads * gradient_work(a, b, c);
+    int64_t shared, per_thread;
+    band_work(a, b, c, d, e, &shared, &per_thread);
+    return shared + threads * per_thread;
+}
+
 /* matrix[b] = irfft2(spectrum * attention[b, group]) (norm "backward"), times the local modulation if taps
- * is not null (as fdconv_local_modulation, without sigmoid_out). spectrum (H, R, 2) column-major half
- * spectrum, H = C/2+1; group (H, R); attention (B, n); columns: scratch of R*B*H complex values; matrix
- * (B, R, C). Returns 0, or -1 where DFTI refused a descriptor (matrix is then not written). */
+ * is not null: sigmoid(logits) * channel[b, i] (channel may be null), the logits as in the backward below.
+ * spectrum (H, R, 2) column-major half spectrum, H = C/2+1; group (H, R); attention (B, n); columns: scratch of
+ * R*B*H complex values; matrix (B, R, C); work: fdconv_workspace_floats(0, ...). */
 template <typename Index>
 static int64_t synthesize(const float *spectrum, const Index *group, const float *attention, float *columns,
-                          float *matrix, const float *taps, const float *windows,
-                          const float *channel, int64_t batch, int64_t rows, int64_t cols, int64_t num_groups,
-                          int64_t k, int64_t taps_k) {
-    const int64_t half = cols / 2 + 1;
+                          float *matrix, const float *taps, const float *windows, const float *channel, float *work,
+                          int64_t batch, int64_t rows, int64_t cols, int64_t num_groups, int64_t k, int64_t taps_k) {
+    const int64_t half = cols / 2 + 1, per_thread = synthesis_work(batch, rows, cols);
     const float factor = 1.0f / static_cast<float>(rows * cols);
-    int64_t width = COLUMN_BLOCK / (batch * rows);  /* columns per block of pass 1 */
-    width = width < 1 ? 1 : width > 16 ? 16 : width;
-    int64_t height = ROW_BLOCK / cols;  /* rows (of R*B) per block of pass 2 */
-    height = height < 1 ? 1 : height;
+    int64_t width, height;
+    synthesis_blocks(batch, rows, cols, &width, &height);
     const int64_t n_col_blocks = (half + width - 1) / width, n_row_blocks = (rows * batch + height - 1) / height;
     const bool parallel = batch * rows * cols > PARALLEL_WORK;
-    int64_t failed = 0;
-#pragma omp parallel if (parallel) reduction(| : failed)
+    int64_t refused = 0, bad_group = 0;
+#pragma omp parallel if (parallel) reduction(| : refused, bad_group)
     {
-        float *buffer = thread_buffer(0, 2 * width * batch * rows);
+        float *buffer = thread_work(work, per_thread);
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < n_col_blocks; ++blk) {
             const int64_t c0 = blk * width, n = c0 + width <= half ? width : half - c0;
             for (int64_t j = 0; j < n; ++j)
                 for (int64_t b = 0; b < batch; ++b)
-                    scale_column(spectrum + (c0 + j) * rows * 2, group + (c0 + j) * rows, attention + b * num_groups,
-                                 buffer + (j * batch + b) * rows * 2, rows, factor);
+                    bad_group |= !scale_column(spectrum + (c0 + j) * rows * 2, group + (c0 + j) * rows,
+                                               attention + b * num_groups, buffer + (j * batch + b) * rows * 2, rows,
+                                               num_groups, factor);
             void *plan = fft_plan(false, rows, n * batch);
             if (!plan || dfti_backward(plan, buffer)) {
-                failed = 1;
+                refused = 1;
                 continue;
             }
             const uint64_t *src = reinterpret_cast<const uint64_t *>(buffer);  /* complex values as 8 bytes */
@@ -603,24 +576,32 @@ static int64_t synthesize(const float *spectrum, const Index *group, const float
                 transpose_block(src + b * rows, dst + b * half, n, rows, batch * rows, batch * half);
         }
     }
-    if (failed)
-        return -1;
+    if (bad_group)
+        return FDCONV_BAD_GROUP;
+    if (refused)
+        return FDCONV_FFT_REFUSED;
     const int64_t block = LANES * k;
     float *spread = taps ? spread_windows(windows, batch, cols / k, k, taps_k) : nullptr;
     float *channel_spread = taps && channel ? spread_windows(channel, batch, cols / k, k, 1) : nullptr;
-#pragma omp parallel if (parallel) reduction(| : failed)
+    int64_t out_of_memory = taps && (!spread || (channel && !channel_spread));
+    if (!out_of_memory) {
+#pragma omp parallel if (parallel) reduction(| : refused, out_of_memory)
     {
-        float *buffer = thread_buffer(1, height * cols);
-        float *pattern = taps ? static_cast<float *>(malloc(sizeof(float) * taps_k * block)) : nullptr;
+        float *buffer = thread_work(work, per_thread);
+        float *pattern = taps ? alloc_floats(taps_k * block) : nullptr;
+        const bool ready = !taps || pattern;
+        out_of_memory |= !ready;
         int64_t pattern_row = -1;
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < n_row_blocks; ++blk) {  /* rows in (R, B) order: one tap pattern per row */
+            if (!ready)
+                continue;
             const int64_t g0 = blk * height, n = g0 + height <= rows * batch ? height : rows * batch - g0;
             /* one sample: the rows are in the matrix's order, transform into it and modulate in place */
             float *transformed = batch == 1 ? matrix + g0 * cols : buffer;
             void *plan = fft_plan(true, cols, n);
             if (!plan || dfti_backward(plan, columns + 2 * g0 * half, transformed)) {
-                failed = 1;
+                refused = 1;
                 continue;
             }
             for (int64_t g = g0; g < g0 + n; ++g) {
@@ -643,26 +624,27 @@ static int64_t synthesize(const float *spectrum, const Index *group, const float
         }
         free(pattern);
     }
+    }
     free(channel_spread);
     free(spread);
-    return failed ? -1 : 0;
+    return out_of_memory ? FDCONV_OUT_OF_MEMORY : refused ? FDCONV_FFT_REFUSED : FDCONV_OK;
 }
 
 extern "C"
 int64_t fdconv_synthesize_u8(const float *spectrum, const uint8_t *group, const float *attention, float *columns,
-                             float *matrix, const float *taps, const float *windows,
-                             const float *channel, int64_t batch, int64_t rows, int64_t cols, int64_t num_groups,
-                             int64_t k, int64_t taps_k) {
-    return synthesize(spectrum, group, attention, columns, matrix, taps, windows, channel, batch, rows, cols,
+                             float *matrix, const float *taps, const float *windows, const float *channel,
+                             float *work, int64_t batch, int64_t rows, int64_t cols, int64_t num_groups, int64_t k,
+                             int64_t taps_k) {
+    return synthesize(spectrum, group, attention, columns, matrix, taps, windows, channel, work, batch, rows, cols,
                       num_groups, k, taps_k);
 }
 
 extern "C"
 int64_t fdconv_synthesize_i32(const float *spectrum, const int32_t *group, const float *attention, float *columns,
-                              float *matrix, const float *taps, const float *windows,
-                              const float *channel, int64_t batch, int64_t rows, int64_t cols, int64_t num_groups,
-                              int64_t k, int64_t taps_k) {
-    return synthesize(spectrum, group, attention, columns, matrix, taps, windows, channel, batch, rows, cols,
+                              float *matrix, const float *taps, const float *windows, const float *channel,
+                              float *work, int64_t batch, int64_t rows, int64_t cols, int64_t num_groups, int64_t k,
+                              int64_t taps_k) {
+    return synthesize(spectrum, group, attention, columns, matrix, taps, windows, channel, work, batch, rows, cols,
                       num_groups, k, taps_k);
 }
 
@@ -760,19 +742,23 @@ static void band_plane(const float *x, const float *scale, float *out, const Ban
 }
 
 /* FBM over x (B, C, H, W) with band scales A (B, J, H, W) into out (B, C, H, W); basis_h (H, ldh) and basis_w
- * (W, ldw) hold the orthonormal real Fourier bases (fbm.py's fourier_basis), ranks (J) of each band. */
+ * (W, ldw) hold the orthonormal real Fourier bases (ops.py's fourier_basis), ranks (J) of each band; work:
+ * fdconv_workspace_floats(2, ...). */
 extern "C"
-void fdconv_band_modulation(const float *x, const float *scale, float *out, const float *basis_h, int64_t ldh,
-                            const float *basis_w, int64_t ldw, const int64_t *rank_h, const int64_t *rank_w,
-                            int64_t batch, int64_t channels, int64_t bands, int64_t height, int64_t width) {
+int64_t fdconv_band_modulation(const float *x, const float *scale, float *out, const float *basis_h, int64_t ldh,
+                               const float *basis_w, int64_t ldw, const int64_t *rank_h, const int64_t *rank_w,
+                               float *work, int64_t batch, int64_t channels, int64_t bands, int64_t height,
+                               int64_t width) {
     int64_t rh = 0, rw = 0;
     for (int64_t j = 0; j < bands; ++j) {
         rh = rank_h[j] > rh ? rank_h[j] : rh;
         rw = rank_w[j] > rw ? rank_w[j] : rw;
     }
     const int64_t rwp = (rw + LANES - 1) / LANES * LANES, wp = (width + LANES - 1) / LANES * LANES;
-    float *padded = thread_buffer(1, height * rh + width * rwp + rw * wp);
-    memset(padded, 0, sizeof(float) * (height * rh + width * rwp + rw * wp));
+    int64_t shared, per_thread;
+    band_work(height, width, rh, rw, bands, &shared, &per_thread);
+    float *padded = work;
+    memset(padded, 0, sizeof(float) * shared);
     const BandBases basis = {padded, padded + height * rh, padded + height * rh + width * rwp, rh, rwp, wp};
     for (int64_t h = 0; h < height; ++h)
         memcpy(padded + h * rh, basis_h + h * ldh, sizeof(float) * rh);
@@ -781,89 +767,95 @@ void fdconv_band_modulation(const float *x, const float *scale, float *out, cons
             padded[height * rh + w * rwp + s] = basis_w[w * ldw + s];
             padded[height * rh + width * rwp + s * wp + w] = basis_w[w * ldw + s];
         }
-    const int64_t plane = height * width, work = (height + rh) * rwp + bands * rh * wp + 2 * wp;
+    const int64_t plane = height * width;
 #pragma omp parallel if (batch * channels * plane > PARALLEL_WORK)
     {
-        float *buffer = thread_buffer(0, work);
+        float *buffer = thread_work(work + shared, per_thread);
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < batch * channels; ++p)
             band_plane(x + p * plane, scale + p / channels * bands * plane, out + p * plane, basis, rank_h, rank_w,
                        bands, height, width, buffer);
     }
+    return FDCONV_OK;
 }
 
 /* Adjoint of `synthesize` without its modulation (the modulation's backward has run): from dLoss/dmatrix
- * (B, R, C) to grad_spectrum (H, R, 2) and, added to grad_attention (B, n), the attention's gradient, as
- * spectrum_adjoint after rfft along C and fft along R with the bins weighted by weight (H). Two passes over
- * cache-sized blocks again: (1) rows: real FFT along C, stored transposed into `columns` (H, B, R); (2) columns:
- * FFT along R in place, then the adjoint of the group scaling. Returns 0, or -1 where DFTI refused. */
+ * (B, R, C) to grad_spectrum (H, R, 2) and, added to grad_attention (B, n), the attention's gradient, with the
+ * bins of column c weighted by weight[c]. Two passes over cache-sized blocks again: (1) rows: real FFT along C,
+ * stored transposed into `columns` (H, B, R); (2) columns: FFT along R in place, then the adjoint of the group
+ * scaling (adjoint_column). work: fdconv_workspace_floats(1, ...). */
 template <typename Index>
 static int64_t synthesis_gradient(const float *grad, const float *spectrum, const Index *group, const float *weight,
                                   const float *attention, float *columns, float *grad_spectrum,
-                                  float *grad_attention, int64_t batch, int64_t rows, int64_t cols,
+                                  float *grad_attention, float *work, int64_t batch, int64_t rows, int64_t cols,
                                   int64_t num_groups) {
-    const int64_t half = cols / 2 + 1, total = batch * rows;
-    int64_t height = ROW_BLOCK / cols;  /* rows (of B*R) per block of pass 1 */
-    height = height < 1 ? 1 : height;
-    int64_t width = COLUMN_BLOCK / total;  /* columns per block of pass 2 */
-    width = width < 1 ? 1 : width;
+    const int64_t half = cols / 2 + 1, total = batch * rows, per_thread = gradient_work(batch, rows, cols);
+    int64_t width, height;
+    gradient_blocks(batch, rows, cols, &height, &width);
     const int64_t n_row_blocks = (total + height - 1) / height, n_col_blocks = (half + width - 1) / width;
     const bool parallel = total * cols > PARALLEL_WORK;
-    int64_t failed = 0;
-#pragma omp parallel if (parallel) reduction(| : failed)
+    int64_t refused = 0, bad_group = 0, out_of_memory = 0;
+#pragma omp parallel if (parallel) reduction(| : refused)
     {
-        float *buffer = thread_buffer(0, 2 * height * half);
+        float *buffer = thread_work(work, per_thread);
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < n_row_blocks; ++blk) {
             const int64_t g0 = blk * height, n = g0 + height <= total ? height : total - g0;
             void *plan = fft_plan(true, cols, n, true);
             if (!plan || dfti_forward(plan, const_cast<float *>(grad) + g0 * cols, buffer)) {
-                failed = 1;
+                refused = 1;
                 continue;
             }
             const uint64_t *src = reinterpret_cast<const uint64_t *>(buffer);  /* complex values as 8 bytes */
             transpose_block(src, reinterpret_cast<uint64_t *>(columns) + g0, n, half, half, total);
         }
     }
-    if (failed)
-        return -1;
-#pragma omp parallel if (parallel) reduction(| : failed)
+    if (refused)
+        return FDCONV_FFT_REFUSED;
+#pragma omp parallel if (parallel) reduction(| : refused, bad_group, out_of_memory)
     {
-        float *partial = static_cast<float *>(calloc(batch * num_groups, sizeof(float)));
+        float *partial = calloc_floats(batch * num_groups);
+        out_of_memory |= !partial;
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < n_col_blocks; ++blk) {
+            if (!partial)
+                continue;
             const int64_t c0 = blk * width, n = c0 + width <= half ? width : half - c0;
             void *plan = fft_plan(false, rows, n * batch);
             if (!plan || dfti_forward(plan, columns + 2 * c0 * total)) {
-                failed = 1;
+                refused = 1;
                 continue;
             }
             for (int64_t c = c0; c < c0 + n; ++c)
-                adjoint_column(columns + 2 * c * total, spectrum + c * rows * 2, group + c * rows, weight[c],
-                               attention, grad_spectrum + c * rows * 2, partial, batch, rows, num_groups);
+                bad_group |= !adjoint_column(columns + 2 * c * total, spectrum + c * rows * 2, group + c * rows,
+                                             weight[c], attention, grad_spectrum + c * rows * 2, partial, batch, rows,
+                                             num_groups);
         }
+        if (partial) {
 #pragma omp critical
-        for (int64_t i = 0; i < batch * num_groups; ++i)
-            grad_attention[i] += partial[i];
+            for (int64_t i = 0; i < batch * num_groups; ++i)
+                grad_attention[i] += partial[i];
+        }
         free(partial);
     }
-    return failed ? -1 : 0;
+    return bad_group ? FDCONV_BAD_GROUP : out_of_memory ? FDCONV_OUT_OF_MEMORY
+                                                       : refused ? FDCONV_FFT_REFUSED : FDCONV_OK;
 }
 
 extern "C"
 int64_t fdconv_synthesis_gradient_u8(const float *grad, const float *spectrum, const uint8_t *group,
                                      const float *weight, const float *attention, float *columns,
-                                     float *grad_spectrum, float *grad_attention, int64_t batch, int64_t rows,
-                                     int64_t cols, int64_t num_groups) {
+                                     float *grad_spectrum, float *grad_attention, float *work, int64_t batch,
+                                     int64_t rows, int64_t cols, int64_t num_groups) {
     return synthesis_gradient(grad, spectrum, group, weight, attention, columns, grad_spectrum, grad_attention,
-                              batch, rows, cols, num_groups);
+                              work, batch, rows, cols, num_groups);
 }
 
 extern "C"
 int64_t fdconv_synthesis_gradient_i32(const float *grad, const float *spectrum, const int32_t *group,
                                       const float *weight, const float *attention, float *columns,
-                                      float *grad_spectrum, float *grad_attention, int64_t batch, int64_t rows,
-                                      int64_t cols, int64_t num_groups) {
+                                      float *grad_spectrum, float *grad_attention, float *work, int64_t batch,
+                                      int64_t rows, int64_t cols, int64_t num_groups) {
     return synthesis_gradient(grad, spectrum, group, weight, attention, columns, grad_spectrum, grad_attention,
-                              batch, rows, cols, num_groups);
+                              work, batch, rows, cols, num_groups);
 }

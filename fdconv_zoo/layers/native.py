@@ -1,15 +1,17 @@
-"""Fused CPU loops for kernel synthesis and FBM (``native.cpp``), compiled on first use, called through ctypes.
+"""Fused CPU loops for kernel synthesis and FBM (``native.cpp``): the float32 CPU kernels of the ``fdconv``
+operators (``ops.py``), compiled on first use and called through ctypes.
 
-Each loop does in one pass over B x |W| values what takes PyTorch several (see native.cpp); where torch was
-built with MKL, the synthesis and its adjoint call MKL's FFT (from libtorch) inside their loops. The library is
+Each loop does in one pass over B x |W| values what takes PyTorch several (see native.cpp); the synthesis and
+its adjoint call MKL's FFT (from the libtorch of torch's x86-64 builds) inside their loops. Every tensor that
+crosses into native code is checked here (dtype, device, contiguity, shapes), group ids are checked where the
+loops read them, and a failing loop (out of memory included) raises a Python exception. The library is
 built with the system C++ compiler (``$CXX``, else ``c++``) for the CPU it runs on and cached in
 ``$FDCONV_ZOO_CACHE`` (default ``~/.cache/fdconv_zoo``) under a hash of source, compiler and CPU, so it is
 built once per machine. Without a compiler, on other platforms, or with ``FDCONV_ZOO_NATIVE=0`` the layers use
-their PyTorch code, which computes the same values more slowly. Only float32 CPU tensors take this path.
+the operators' PyTorch code, which computes the same values more slowly.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import os
@@ -20,8 +22,6 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,26 +32,20 @@ _lock = threading.Lock()
 _state: dict[str, ctypes.CDLL | None] = {}
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
+# every entry point, its argument types and its status return (FDCONV_OK = 0, see native.cpp)
 _SIGNATURES = {
-    **{f'fdconv_scale_spectrum_{index}': [_P, _P, _P, _P, _I, _I, _I, _I] for index in ('u8', 'i32')},
-    **{f'fdconv_spectrum_adjoint_{index}': [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I] for index in ('u8', 'i32')},
-    'fdconv_transpose8': [_P, _P, _I, _I, _I, _I, _I, _I, _I],
-    'fdconv_local_modulation': [_P, _I, _I, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I],
-    'fdconv_local_modulation_backward': [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I],
-    'fdconv_set_fft': [_P, _P, _P, _P, _P],
-    'fdconv_band_modulation': [_P, _P, _P, _P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _I],
-    **{f'fdconv_synthesize_{index}': [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I]
-       for index in ('u8', 'i32')},
-    **{f'fdconv_synthesis_gradient_{index}': [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
-       for index in ('u8', 'i32')},
+    'fdconv_workspace_floats': [_I] * 6,
+    'fdconv_set_fft': [_P] * 5,
+    'fdconv_local_modulation_backward': [_P] * 9 + [_I] * 5,
+    'fdconv_band_modulation': [_P, _P, _P, _P, _I, _P, _I, _P, _P, _P] + [_I] * 5,
+    **{f'fdconv_synthesize_{index}': [_P] * 9 + [_I] * 6 for index in ('u8', 'i32')},
+    **{f'fdconv_synthesis_gradient_{index}': [_P] * 9 + [_I] * 4 for index in ('u8', 'i32')},
 }
-_RETURNS = {f'fdconv_{name}_{index}': ctypes.c_int64
-            for name in ('synthesize', 'synthesis_gradient') for index in ('u8', 'i32')}
-# MKL's FFT inside libtorch (torch built with MKL), which fdconv_synthesize_* call
+_STATUS = {1: (RuntimeError, "MKL's FFT refused a transform size"), 2: (MemoryError, "out of memory"),
+           3: (ValueError, "a group id of the bin -> group map (fdw.group_index) is outside [0, n)")}
+# MKL's FFT inside libtorch (torch built with MKL), which the synthesis and its adjoint call
 _DFTI = ('DftiCreateDescriptor_s_1d', 'DftiSetValue', 'DftiCommitDescriptor', 'DftiComputeBackward',
          'DftiComputeForward')
-
-
 def _cpu_signature() -> str:
     """What the compiled code depends on besides the source: the CPU's instruction set extensions."""
     try:
@@ -98,7 +92,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     for name, argtypes in _SIGNATURES.items():
         function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, _RETURNS.get(name)
+        function.argtypes, function.restype = argtypes, ctypes.c_int64 if name != 'fdconv_set_fft' else None
     return lib
 
 
@@ -115,170 +109,117 @@ def _connect_fft(lib: ctypes.CDLL) -> bool:
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled library, or None where it cannot be used (built once per process)."""
+    """The compiled library, or None where it cannot be used (built once per process). Its loops need MKL's
+    FFT from libtorch (torch's x86-64 builds); without it the operators run their PyTorch code."""
     if 'lib' not in _state:
         with _lock:
             if 'lib' not in _state:
                 lib = _load()
-                _state['fft'] = lib is not None and _connect_fft(lib)
-                _state['lib'] = lib
+                _state['lib'] = lib if lib is not None and _connect_fft(lib) else None
     return _state['lib']
 
 
-def fft_usable() -> bool:
-    """Whether :func:`synthesize` can run: the library and MKL's FFT (torch's x86-64 builds have it)."""
-    return library() is not None and _state.get('fft', False)
-
-
-@contextlib.contextmanager
-def switched_off() -> Iterator[None]:
-    """Inside this block the layers run their PyTorch code, e.g. so that torch's operation counters see every
-    FFT and matrix product. It switches the loops off for the whole process, so it is not for concurrent use."""
-    lib = library()
-    _state['lib'] = None
-    try:
-        yield
-    finally:
-        _state['lib'] = lib
-
-
-def usable_for(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the fused loops apply to tensors of this dtype on this device: float32 on the CPU, and a library."""
-    return dtype == torch.float32 and device.type == 'cpu' and library() is not None
-
-
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the fused loops apply to all of these tensors (see :func:`usable_for`)."""
-    return all(usable_for(t.dtype, t.device) for t in tensors)
+    """Whether the loops apply to all of these tensors: float32 on the CPU, and a library."""
+    return all(t.dtype == torch.float32 and t.device.type == 'cpu' for t in tensors) and library() is not None
 
 
-def group_index(group: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """A (C, R) bin -> group map in the narrowest index type the loops take: uint8 for n <= 256, else int32."""
-    return group.to(torch.uint8 if num_groups <= 256 else torch.int32).contiguous()
+def workspace_floats(kind: int, *sizes: int) -> int:
+    """Floats of the per-thread block buffers (``work``) that a loop needs (see fdconv_workspace_floats)."""
+    return int(library().fdconv_workspace_floats(kind, *sizes, *[0] * (5 - len(sizes))))
 
 
-def _suffix(group: torch.Tensor) -> str:
+def _call(name: str, *args: int | None) -> None:
+    status = getattr(library(), name)(*args)
+    if status:
+        error, what = _STATUS.get(status, (RuntimeError, f"status {status}"))
+        raise error(f"fdconv native loop {name}: {what}")
+
+
+def _check(name: str, t: torch.Tensor | None, shape: tuple[int, ...] | None = None,
+           dtype: torch.dtype = torch.float32, min_numel: int | None = None) -> int:
+    """Validate one tensor that crosses into native code and return its address (0 for None): dtype, device,
+    contiguity and shape (or at least ``min_numel`` elements). Real errors, not asserts (python -O keeps them)."""
+    if t is None:
+        return 0
+    if t.dtype != dtype or t.device.type != 'cpu':
+        raise TypeError(f"{name} must be a {dtype} CPU tensor for the fused loops, got {t.dtype} on {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous for the fused loops, got strides {t.stride()}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if min_numel is not None and t.numel() < min_numel:
+        raise ValueError(f"{name} has {t.numel()} elements, needs at least {min_numel}")
+    return t.data_ptr()
+
+
+def _index_suffix(group: torch.Tensor, shape: tuple[int, ...]) -> str:
+    """The group index is uint8 (n <= 256) or int32; its ids are checked in the loops where they are read."""
     if group.dtype not in (torch.uint8, torch.int32):
-        raise ValueError(f"group index must be uint8 or int32 (see group_index), got {group.dtype}")
+        raise TypeError(f"group index must be uint8 or int32, got {group.dtype}")
+    _check('group index', group, shape, group.dtype)
     return 'u8' if group.dtype == torch.uint8 else 'i32'
-
-
-def scale_spectrum(spectrum: torch.Tensor, group: torch.Tensor, attention: torch.Tensor, out: torch.Tensor) -> None:
-    """out[c, b, r] = spectrum[c, r] * attention[b, group[c, r]]: spectrum (C, R, 2), group (C, R) from
-    :func:`group_index`, attention (B, n), out (C, B, R, 2); all contiguous."""
-    (cols, rows, _), (batch, groups) = spectrum.shape, attention.shape
-    _check_contiguous(spectrum=spectrum, group=group, attention=attention, out=out)
-    assert tuple(out.shape) == (cols, batch, rows, 2)
-    getattr(library(), f'fdconv_scale_spectrum_{_suffix(group)}')(
-        spectrum.data_ptr(), group.data_ptr(), attention.data_ptr(), out.data_ptr(), cols, rows, batch, groups)
-
-
-def spectrum_adjoint(
-        grad: torch.Tensor,
-        spectrum: torch.Tensor,
-        group: torch.Tensor,
-        weight: torch.Tensor,
-        attention: torch.Tensor,
-        grad_spectrum: torch.Tensor,
-        grad_attention: torch.Tensor,
-) -> None:
-    """Adjoint of :func:`scale_spectrum` for a slice of columns, each column's bins weighted by ``weight``:
-    writes grad_spectrum (C, R, 2) and adds to grad_attention (B, n); grad (C, B, R, 2); all contiguous."""
-    cols, batch, rows, _ = grad.shape
-    _check_contiguous(grad=grad, spectrum=spectrum, group=group, weight=weight, attention=attention,
-                      grad_spectrum=grad_spectrum, grad_attention=grad_attention)
-    assert tuple(spectrum.shape) == tuple(grad_spectrum.shape) == (cols, rows, 2)
-    assert tuple(weight.shape) == (cols,) and tuple(grad_attention.shape) == tuple(attention.shape)
-    getattr(library(), f'fdconv_spectrum_adjoint_{_suffix(group)}')(
-        grad.data_ptr(), spectrum.data_ptr(), group.data_ptr(), weight.data_ptr(), attention.data_ptr(),
-        grad_spectrum.data_ptr(), grad_attention.data_ptr(), cols, batch, rows, attention.shape[1])
-
-
-def transpose(src: torch.Tensor, dst: torch.Tensor) -> None:
-    """dst[b, j, i] = src[b, i, j] for complex64 (or 8-byte) views (B, I, J) -> (B, J, I) whose last dims have
-    unit stride; a blocked copy (torch's strided copy reads one side a value per cache line)."""
-    batch, n_i, n_j = src.shape
-    assert tuple(dst.shape) == (batch, n_j, n_i) and src.element_size() == dst.element_size() == 8
-    assert src.stride(2) == 1 and dst.stride(2) == 1
-    library().fdconv_transpose8(
-        src.data_ptr(), dst.data_ptr(), batch, n_i, n_j, src.stride(1), src.stride(0), dst.stride(1), dst.stride(0))
-
-
-def local_modulation(
-        matrix: torch.Tensor,
-        out: torch.Tensor,
-        sigmoid_out: torch.Tensor | None,
-        taps: torch.Tensor,
-        windows: torch.Tensor,
-        channel: torch.Tensor | None,
-        kernel_size: int,
-        first_row: int,
-) -> None:
-    """out = matrix * sigmoid(L) (* channel[b, i] if given) for rows [first_row, first_row + rows) of the weight
-    matrix, with the local logits L made on the fly from ``taps`` (Cout*k*k, K) and ``windows`` (B, Cin, K);
-    sigmoid(L) also goes to ``sigmoid_out`` (laid out like ``out``) if given. matrix, out: (B, rows, Cin*k)
-    views, unit column stride; channel (B, Cin) contiguous."""
-    batch, rows, cols = matrix.shape
-    in_channels, taps_k = windows.shape[1:]
-    assert cols == in_channels * kernel_size and tuple(out.shape) == tuple(matrix.shape)
-    assert matrix.stride(2) == 1 and out.stride(2) == 1
-    _check_contiguous(taps=taps, windows=windows)
-    scale = _optional('channel', channel, (batch, in_channels))
-    sig = 0
-    if sigmoid_out is not None:
-        assert sigmoid_out.shape == out.shape and sigmoid_out.stride() == out.stride()
-        sig = sigmoid_out.data_ptr()
-    library().fdconv_local_modulation(
-        matrix.data_ptr(), matrix.stride(1), matrix.stride(0), out.data_ptr(), sig, out.stride(1), out.stride(0),
-        taps.data_ptr(), windows.data_ptr(), scale, batch, in_channels, kernel_size, taps_k, first_row, rows)
-
-
-@dataclass(frozen=True)
-class LocalModulation:
-    """The local KSM product P = M * sigmoid(L) (* channel[b, i]) as the loops take it: callable on a slice of
-    rows like ``fdw.Modulation``, or handed whole to :func:`synthesize`, which applies it inside the transform.
-    taps (Cout*k*k, K), windows (B, Cin, K), channel (B, Cin) or None, all contiguous; sigmoid(L) also goes to
-    ``sigmoid_out`` (B, Cout*k, Cin*k) if given."""
-
-    taps: torch.Tensor
-    windows: torch.Tensor
-    channel: torch.Tensor | None
-    kernel_size: int
-    sigmoid_out: torch.Tensor | None = None
-
-    def __call__(self, part: torch.Tensor, out: torch.Tensor, first_row: int) -> None:
-        sig = None if self.sigmoid_out is None else self.sigmoid_out[:, first_row:first_row + part.shape[1]]
-        local_modulation(part, out, sig, self.taps, self.windows, self.channel, self.kernel_size, first_row)
 
 
 def synthesize(
         spectrum: torch.Tensor,
         group: torch.Tensor,
         attention: torch.Tensor,
+        taps: torch.Tensor | None,
+        windows: torch.Tensor | None,
+        channel: torch.Tensor | None,
+        kernel_size: int,
         columns: torch.Tensor,
+        work: torch.Tensor,
         out: torch.Tensor,
-        modulation: LocalModulation | None,
-) -> bool:
-    """out[b] = irfft2 of the half spectrum scaled per group (``scale_spectrum``), times ``modulation`` if given,
-    in two passes over cache-sized blocks with MKL's FFT inside them (see :func:`fft_usable`). spectrum
-    (C/2+1, R, 2) column-major, group (C/2+1, R) from :func:`group_index`, attention (B, n), columns scratch of
-    R*B*(C/2+1)*2 floats, out (B, R, C); ``modulation`` without ``sigmoid_out``. False (out not written) where
-    MKL refused a transform size."""
+) -> None:
+    """out[b] = irfft2 of the half spectrum scaled per group, times sigmoid(local logits) * channel[b, i] if
+    taps are given (groups = 1), in two passes over cache-sized blocks with MKL's FFT inside. spectrum (H, R, 2)
+    column-major (H = C/2+1), group (H, R), attention (B, n), taps (Cout*k*k, K), windows (B, Cin, K), channel
+    (B, Cin) or None, out (B, R, C); columns and work are scratch (see :func:`workspace_floats`)."""
     (half, rows, _), (batch, groups), cols = spectrum.shape, attention.shape, out.shape[-1]
-    _check_contiguous(spectrum=spectrum, group=group, attention=attention, columns=columns, out=out)
-    assert tuple(out.shape) == (batch, rows, cols) and half == cols // 2 + 1
-    assert columns.numel() >= rows * batch * half * 2 and columns.dtype == out.dtype
-    pointers, k, taps_k = [0, 0, 0], 1, 0
-    if modulation is not None:
-        m = modulation
-        _check_contiguous(taps=m.taps, windows=m.windows)
-        assert m.windows.shape[:2] == (batch, cols // m.kernel_size) and m.sigmoid_out is None
-        pointers = [m.taps.data_ptr(), m.windows.data_ptr(), _optional('channel', m.channel, m.windows.shape[:2])]
-        k, taps_k = m.kernel_size, m.windows.shape[2]
-    status = getattr(library(), f'fdconv_synthesize_{_suffix(group)}')(
-        spectrum.data_ptr(), group.data_ptr(), attention.data_ptr(), columns.data_ptr(), out.data_ptr(), *pointers,
-        batch, rows, cols, groups, k, taps_k)
-    return status == 0
+    k, taps_k = kernel_size, 0
+    pointers = [_check('spectrum', spectrum), 0, _check('attention', attention, (batch, groups))]
+    suffix = _index_suffix(group, (half, rows))
+    if half != cols // 2 + 1 or cols % k or rows % k:
+        raise ValueError(f"spectrum {tuple(spectrum.shape)} does not fit matrices {tuple(out.shape)} of k={k}")
+    if taps is not None:
+        taps_k = windows.shape[-1]
+        local = [_check('taps', taps, (rows * k, taps_k)), _check('windows', windows, (batch, cols // k, taps_k)),
+                 _check('channel', channel, (batch, cols // k))]
+    else:
+        local = [0, 0, 0]
+    _call(f'fdconv_synthesize_{suffix}', pointers[0], group.data_ptr(), pointers[2],
+          _check('columns', columns, min_numel=rows * batch * half * 2), _check('out', out, (batch, rows, cols)),
+          *local, _check('work', work, min_numel=workspace_floats(0, batch, rows, cols)), batch, rows, cols, groups,
+          k, taps_k)
+
+
+def synthesis_gradient(
+        grad: torch.Tensor,
+        spectrum: torch.Tensor,
+        group: torch.Tensor,
+        weight: torch.Tensor,
+        attention: torch.Tensor,
+        columns: torch.Tensor,
+        work: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adjoint of :func:`synthesize` without modulation, in two passes with MKL's FFT inside: grad (B, R, C) ->
+    (gradient of the spectrum (H, R, 2), of the attention (B, n)); the bins of column c weighted by weight[c]
+    (see ops.py); columns and work are scratch."""
+    batch, rows, cols = grad.shape
+    half = cols // 2 + 1
+    grad_spectrum = torch.empty(half, rows, 2)
+    grad_attention = torch.zeros(batch, attention.shape[1])
+    suffix = _index_suffix(group, (half, rows))
+    _call(f'fdconv_synthesis_gradient_{suffix}', _check('grad', grad), _check('spectrum', spectrum, (half, rows, 2)),
+          group.data_ptr(), _check('weight', weight, (half,)),
+          _check('attention', attention, (batch, attention.shape[1])),
+          _check('columns', columns, min_numel=half * batch * rows * 2),
+          grad_spectrum.data_ptr(), grad_attention.data_ptr(),
+          _check('work', work, min_numel=workspace_floats(1, batch, rows, cols)), batch, rows, cols,
+          attention.shape[1])
+    return grad_spectrum, grad_attention
 
 
 def local_modulation_backward(
@@ -293,47 +234,20 @@ def local_modulation_backward(
     made again on the fly. Turns ``grad`` (dLoss/dP) into dLoss/dM in place and returns sum_i P*dP per
     (sample, row, v) (B, R, k), the gradients of the taps (Cout*k*k, K) and of the windows (B, Cin, K), and
     sum_(row, v) P*dP per (sample, Cin) (None without ``channel``)."""
-    batch, rows, _ = product.shape
+    (batch, rows, cols), k = product.shape, kernel_size
     in_channels, taps_k = windows.shape[1:]
-    _check_contiguous(product=product, grad=grad, taps=taps, windows=windows)
-    assert product.shape == grad.shape and product.shape[2] == in_channels * kernel_size
-    per_tap = torch.empty(batch, rows, kernel_size, dtype=product.dtype)
-    grad_taps = torch.zeros(taps.shape, dtype=product.dtype)
-    grad_windows = torch.empty(windows.shape, dtype=product.dtype)
-    scale = _optional('channel', channel, (batch, in_channels))
-    channel_sums = None if channel is None else torch.empty(batch, in_channels, dtype=product.dtype)
-    library().fdconv_local_modulation_backward(
-        product.data_ptr(), grad.data_ptr(), taps.data_ptr(), windows.data_ptr(), scale, per_tap.data_ptr(),
-        grad_taps.data_ptr(), grad_windows.data_ptr(), 0 if channel_sums is None else channel_sums.data_ptr(),
-        batch, rows, in_channels, kernel_size, taps_k)
+    if cols != in_channels * k or rows % k:
+        raise ValueError(f"matrices {tuple(product.shape)} do not fit windows {tuple(windows.shape)} and k={k}")
+    per_tap = torch.empty(batch, rows, k)
+    grad_taps = torch.zeros(rows * k, taps_k)
+    grad_windows = torch.empty(batch, in_channels, taps_k)
+    channel_sums = None if channel is None else torch.empty(batch, in_channels)
+    _call('fdconv_local_modulation_backward', _check('product', product), _check('grad', grad, product.shape),
+          _check('taps', taps, (rows * k, taps_k)), _check('windows', windows),
+          _check('channel', channel, (batch, in_channels)), per_tap.data_ptr(), grad_taps.data_ptr(),
+          grad_windows.data_ptr(), 0 if channel_sums is None else channel_sums.data_ptr(), batch, rows, in_channels,
+          k, taps_k)
     return per_tap, grad_taps, grad_windows, channel_sums
-
-
-def synthesis_gradient(
-        grad: torch.Tensor,
-        spectrum: torch.Tensor,
-        group: torch.Tensor,
-        weight: torch.Tensor,
-        attention: torch.Tensor,
-        columns: torch.Tensor,
-        grad_spectrum: torch.Tensor,
-        grad_attention: torch.Tensor,
-) -> bool:
-    """Adjoint of :func:`synthesize` without modulation, in two passes with MKL's FFT inside: grad (B, R, C) ->
-    grad_spectrum (C/2+1, R, 2), written, and the attention's gradient, added to grad_attention (B, n); the bins
-    of column c weighted by weight[c] (see ``FDW.gradient``); columns: scratch of (C/2+1)*B*R*2 floats. False
-    (outputs not written) where MKL refused a transform size."""
-    (batch, rows, cols), half = grad.shape, spectrum.shape[0]
-    _check_contiguous(grad=grad, spectrum=spectrum, group=group, weight=weight, attention=attention,
-                      columns=columns, grad_spectrum=grad_spectrum, grad_attention=grad_attention)
-    assert tuple(spectrum.shape) == tuple(grad_spectrum.shape) == (half, rows, 2) and half == cols // 2 + 1
-    assert tuple(weight.shape) == (half,) and tuple(grad_attention.shape) == tuple(attention.shape)
-    assert attention.shape[0] == batch and columns.numel() >= half * batch * rows * 2
-    status = getattr(library(), f'fdconv_synthesis_gradient_{_suffix(group)}')(
-        grad.data_ptr(), spectrum.data_ptr(), group.data_ptr(), weight.data_ptr(), attention.data_ptr(),
-        columns.data_ptr(), grad_spectrum.data_ptr(), grad_attention.data_ptr(), batch, rows, cols,
-        attention.shape[1])
-    return status == 0
 
 
 def band_modulation(
@@ -343,35 +257,23 @@ def band_modulation(
         ranks_h: tuple[int, ...],
         basis_w: torch.Tensor,
         ranks_w: tuple[int, ...],
+        work: torch.Tensor,
 ) -> torch.Tensor:
-    """FBM's output without autograd (see fbm.FBM.forward): x (B, C, H, W) and band scales A (B, J, H, W),
-    bases (H, >= max ranks_h) and (W, >= max ranks_w) from ``fbm.fourier_basis``; a fresh (B, C, H, W)."""
+    """FBM's output (see ops.band_modulation): x (B, C, H, W) and band scales A (B, J, H, W), bases (H, >= max
+    ranks_h) and (W, >= max ranks_w) from ``ops.fourier_basis``; a fresh (B, C, H, W). work is scratch."""
     batch, channels, height, width = x.shape
     bands = band_scale.shape[1]
-    _check_contiguous(x=x, band_scale=band_scale)
-    assert tuple(band_scale.shape) == (batch, bands, height, width) and len(ranks_h) == len(ranks_w) == bands
-    assert basis_h.stride(1) == basis_w.stride(1) == 1 and basis_h.shape[0] == height and basis_w.shape[0] == width
-    assert basis_h.shape[1] >= max(ranks_h) and basis_w.shape[1] >= max(ranks_w)
+    if len(ranks_h) != bands or len(ranks_w) != bands or min(ranks_h + ranks_w) < 0:
+        raise ValueError(f"need {bands} ranks per axis, got {ranks_h} and {ranks_w}")
+    rh, rw = max(ranks_h), max(ranks_w)
+    if basis_h.shape[0] != height or basis_w.shape[0] != width or basis_h.shape[1] < rh or basis_w.shape[1] < rw:
+        raise ValueError(f"bases {tuple(basis_h.shape)}, {tuple(basis_w.shape)} do not fit a {height}x{width} map "
+                         f"with ranks {ranks_h}, {ranks_w}")
     ranks = torch.tensor([ranks_h, ranks_w], dtype=torch.int64)
     out = torch.empty_like(x)
-    library().fdconv_band_modulation(
-        x.data_ptr(), band_scale.data_ptr(), out.data_ptr(), basis_h.data_ptr(), basis_h.stride(0),
-        basis_w.data_ptr(), basis_w.stride(0), ranks[0].data_ptr(), ranks[1].data_ptr(), batch, channels, bands,
-        height, width)
+    _call('fdconv_band_modulation', _check('x', x), _check('band_scale', band_scale, (batch, bands, height, width)),
+          out.data_ptr(), _check('basis_h', basis_h), basis_h.stride(0), _check('basis_w', basis_w),
+          basis_w.stride(0), ranks[0].data_ptr(), ranks[1].data_ptr(),
+          _check('work', work, min_numel=workspace_floats(2, height, width, rh, rw, bands)), batch, channels, bands,
+          height, width)
     return out
-
-
-def _optional(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> int:
-    """Address of an optional contiguous tensor of ``shape`` (0, a null pointer, for None)."""
-    if tensor is None:
-        return 0
-    _check_contiguous(**{name: tensor})
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
-    return tensor.data_ptr()
-
-
-def _check_contiguous(**tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous for the fused CPU loops, got strides {t.stride()}")

@@ -15,6 +15,6 @@ from .ops import fourier_basis, release_workspace
 
 __all__ = [
     'FBM', 'FDConv2d', 'FDLinear', 'FourierDisjointWeight', 'GlobalAttention', 'KSMGlobal', 'KSMLocal',
-    'check_grouping', 'dense_spectrum', 'fourier_basis', 'local_kernel_size', 'matrix_to_weight', 'radial_grouping', 'release_workspace',
-    'ops', 'weight_to_matrix',
+    'check_grouping', 'dense_spectrum', 'fourier_basis', 'local_kernel_size', 'matrix_to_weight', 'ops',
+    'radial_grouping', 'release_workspace', 'weight_to_matrix',
 ]

@@ -1,0 +1,228 @@
+"""The fdconv operators: torch.library's checks, both implementations, bad group ids, compile of whole models."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import timm
+import torch
+from naive import naive_fdconv, randomize_
+from safetensors.torch import load, save
+
+import fdconv_zoo  # noqa: F401  registers the models
+from fdconv_zoo import FDConv2d
+from fdconv_zoo.benchmark import liven_
+from fdconv_zoo.layers import native, ops
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.fixture(params=['fused', 'torch'])
+def loops(request, monkeypatch) -> str:
+    if request.param == 'torch':
+        monkeypatch.setitem(native._state, 'lib', None)
+    else:
+        assert native.library() is not None, "the fused CPU loops did not build on this machine"
+    return request.param
+
+
+def _layer_inputs(layer: FDConv2d, x: torch.Tensor) -> dict:
+    """The arguments an FDConv2d layer hands to fdconv::dynamic_conv, as leaves that require grad."""
+    pooled = x.mean((2, 3))
+    att = layer.ksm_global(pooled)
+    leaf = lambda t: None if t is None else t.detach().clone().requires_grad_()  # noqa: E731
+    stride, padding, pre_pad, dilation, mode = layer._conv_options()
+    return dict(
+        x=leaf(x), band_scale=leaf(layer.fbm.band_scale(x)) if layer.fbm is not None else None,
+        spectrum=leaf(layer.fdw.spectrum), group_index=layer.fdw.indices(), attention=leaf(att.kernel),
+        taps=leaf(layer.ksm_local.taps()), windows=leaf(layer.ksm_local(pooled)), channel=leaf(att.channel * 2),
+        spatial=leaf(att.spatial), filter_attention=leaf(att.filter), bias=leaf(layer.bias),
+        kernel_size=layer.fdw.kernel_size, groups=layer.groups, stride=stride, padding=padding, dilation=dilation,
+        pre_pad=pre_pad, padding_mode=mode, cutoffs=list(layer.fbm.cutoffs) if layer.fbm is not None else [])
+
+
+@pytest.mark.parametrize('make', [
+    lambda: FDConv2d(16, 24, 3, padding=1, num_freq_groups=8),  # FBM, grouped convolution
+    lambda: FDConv2d(16, 48, 3, stride=2, padding=1, num_freq_groups=8),  # small map: im2col
+    lambda: FDConv2d(16, 24, 1, num_freq_groups=5),  # 1x1: matrix product
+    lambda: FDConv2d(16, 24, 3, padding=1, groups=4, num_freq_groups=4, fbm=False),  # groups > 1
+], ids=['3x3', 'small-map', '1x1', 'groups'])
+def test_opcheck_every_operator(make, loops):
+    """torch.library.opcheck: schema, fake implementation, registered autograd and AOT dispatch agree with the
+    real implementation, for every operator and both implementations."""
+    torch.manual_seed(0)
+    layer = make()
+    randomize_(layer, scale=0.3)
+    kwargs = _layer_inputs(layer, torch.randn(2, 16, 6, 5))
+    args = list(kwargs.values())
+    torch.library.opcheck(torch.ops.fdconv.dynamic_conv.default, args)
+    y = ops.dynamic_conv(*args)
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]  # backward ops have no gradient
+    torch.library.opcheck(torch.ops.fdconv.dynamic_conv_backward.default, [torch.randn_like(y), *plain])
+    synthesis = [kwargs[n] for n in ('spectrum', 'group_index', 'attention', 'taps', 'windows', 'channel',
+                                     'kernel_size', 'groups')]
+    torch.library.opcheck(torch.ops.fdconv.synthesize.default, synthesis)
+    if kwargs['band_scale'] is not None:
+        torch.library.opcheck(torch.ops.fdconv.band_modulation.default,
+                              [kwargs['x'], kwargs['band_scale'], kwargs['cutoffs']])
+
+
+def test_synthesize_and_band_modulation_gradients_match_autograd(loops):
+    """The two building-block operators against autograd through plain PyTorch (float64 gradcheck runs the
+    PyTorch implementation; float32 here runs the fused loops too)."""
+    torch.manual_seed(1)
+    layer = FDConv2d(16, 24, 3, padding=1, num_freq_groups=8)
+    randomize_(layer, scale=0.3)
+    kw = _layer_inputs(layer, torch.randn(2, 16, 7, 6))
+    p = ops.synthesize(kw['spectrum'], kw['group_index'], kw['attention'], kw['taps'], kw['windows'],
+                       kw['channel'], 3, 1)
+    grad = torch.randn_like(p)
+    got = torch.autograd.grad(p, [kw[n] for n in ('spectrum', 'attention', 'taps', 'windows', 'channel')], grad)
+    spec = torch.view_as_complex(kw['spectrum']).t() * kw['attention'][:, layer.fdw.group_of_bin]
+    m = torch.fft.irfft2(spec, s=(72, 48))
+    logits = ops._local_logits(kw['taps'], kw['windows'], 72, 3, 1)
+    expected_p = m * torch.sigmoid(logits) * kw['channel'].repeat_interleave(3, 1)[:, None]
+    expected = torch.autograd.grad(expected_p, [kw[n] for n in ('spectrum', 'attention', 'taps', 'windows',
+                                                                'channel')], grad)
+    assert rel_err(p, expected_p) < 1e-5
+    for a, b in zip(got, expected, strict=True):
+        assert rel_err(a, b) < 1e-4
+    x, scale = kw['x'], kw['band_scale']
+    y = ops.band_modulation(x, scale, [2, 4, 8])
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, scale], g)
+    bands = [torch.fft.ifft2(torch.fft.fft2(x) * _square_mask(x.shape[-2:], c)).real for c in (2, 4, 8)]
+    literal = scale[:, :1] * (x - bands[0]) + scale[:, 1:2] * (bands[0] - bands[1]) \
+        + scale[:, 2:3] * (bands[1] - bands[2]) + bands[2]
+    assert rel_err(y, literal) < 1e-5
+    for a, b in zip(got, torch.autograd.grad(literal, [x, scale], g), strict=True):
+        assert rel_err(a, b) < 1e-4
+
+
+def _square_mask(size, kappa: int) -> torch.Tensor:
+    fy = torch.fft.fftfreq(size[0]).abs()[:, None]
+    fx = torch.fft.fftfreq(size[1]).abs()[None]
+    return (torch.maximum(fy, fx) < torch.tensor(0.5 / kappa + 1e-8, dtype=torch.float32)).float()
+
+
+@pytest.mark.parametrize('bad', [200, 2 ** 30, -5])
+def test_bad_group_ids_are_refused_when_loaded(bad, tmp_path):
+    """A crafted checkpoint: ids outside [0, n) are refused by load_state_dict with the key named, whatever
+    index type the loops would read (200 fits uint8, 2**30 would wrap to 0, -5 would wrap to 251)."""
+    layer = FDConv2d(64, 64, 3, padding=1)
+    state = layer.state_dict()
+    state['fdw.group_of_bin'] = torch.full_like(state['fdw.group_of_bin'], bad)
+    path = tmp_path / 'crafted.safetensors'
+    path.write_bytes(save(state))
+    with pytest.raises(RuntimeError, match=r"fdw\.group_of_bin holds group ids .* outside \[0, 64\)"):
+        FDConv2d(64, 64, 3, padding=1).load_state_dict(load(path.read_bytes()))
+
+
+def test_grouping_must_cover_every_group_and_fit():
+    layer = FDConv2d(16, 16, 3, padding=1, num_freq_groups=8)
+    uncovered = torch.zeros_like(layer.fdw.group_of_bin)
+    with pytest.raises(ValueError, match='leaves 7 of its 8 frequency groups without a bin'):
+        layer.fdw.set_grouping(uncovered)
+    with pytest.raises(RuntimeError, match='fdw.group_of_bin has shape'):
+        layer.load_state_dict({**layer.state_dict(), 'fdw.group_of_bin': uncovered[:-1]})
+    with pytest.raises(ValueError, match='integer group ids'):
+        layer.fdw.set_grouping(layer.fdw.group_of_bin.float())
+
+
+def test_group_ids_corrupted_after_loading_are_refused_at_forward(loops):
+    """A buffer changed in place after it was checked is checked again before use; the operators themselves
+    refuse a corrupted index (the fused loops check each id where they read it)."""
+    layer = FDConv2d(64, 64, 3, padding=1)
+    x = torch.randn(1, 64, 6, 6)
+    layer.fdw.group_of_bin[3, 2] = 200
+    with pytest.raises(ValueError, match=r'group ids in \[0, 200\], outside \[0, 64\)'), torch.no_grad():
+        layer(x)
+    layer.fdw.group_of_bin[3, 2] = 1
+    layer(x)  # checked again, good again
+    layer.fdw.group_index[2, 3] = 77  # the operators' own copy
+    with pytest.raises(ValueError, match=r'group id.* outside \[0, (n|64)\)'), torch.no_grad():
+        layer(x)
+    with pytest.raises(ValueError, match=r'group id.* outside \[0, (n|64)\)'):
+        layer(x.requires_grad_()).sum().backward()
+
+
+def test_native_boundary_checks_dtype_layout_and_shape():
+    """What crosses into native code is checked with real errors (not asserts, which python -O drops)."""
+    assert native.library() is not None
+    spectrum, att = torch.randn(5, 24, 2), torch.rand(2, 4)
+    group = torch.zeros(5, 24, dtype=torch.uint8)
+    columns, work = torch.empty(24 * 2 * 5 * 2), torch.empty(10 ** 6)
+    out = torch.empty(2, 24, 8)
+    native.synthesize(spectrum, group, att, None, None, None, 1, columns, work, out)
+    with pytest.raises(TypeError, match='spectrum must be a torch.float32 CPU tensor'):
+        native.synthesize(spectrum.double(), group, att, None, None, None, 1, columns, work, out)
+    with pytest.raises(ValueError, match='attention must be contiguous'):
+        native.synthesize(spectrum, group, att.t().contiguous().t(), None, None, None, 1, columns, work, out)
+    with pytest.raises(ValueError, match='columns has 10 elements, needs at least 480'):
+        native.synthesize(spectrum, group, att, None, None, None, 1, columns[:10], work, out)
+    with pytest.raises(TypeError, match='group index must be uint8 or int32'):
+        native.synthesize(spectrum, group.long(), att, None, None, None, 1, columns, work, out)
+    with pytest.raises(ValueError, match='group id'):
+        native.synthesize(spectrum, group + 4, att, None, None, None, 1, columns, work, out)
+
+
+def test_pytorch_implementation_transforms_whole_batches(monkeypatch):
+    """The implementation CUDA runs: one 2-D inverse FFT per synthesis whatever the layer's size and batch (no
+    CPU-cache slicing), and results owned by the caller."""
+    monkeypatch.setitem(native._state, 'lib', None)
+    calls = []
+    irfft2 = torch.fft.irfft2
+    monkeypatch.setattr(torch.fft, 'irfft2', lambda *a, **k: calls.append(a[0].shape) or irfft2(*a, **k))
+    layer = FDConv2d(256, 256, 3, padding=1, num_freq_groups=64)
+    with torch.no_grad():
+        first = layer.fdw(torch.ones(16, 64))
+        second = layer.fdw(torch.full((16, 64), 0.5))
+    assert calls == [(16, 768, 385)] * 2
+    assert first.data_ptr() != second.data_ptr() and rel_err(second, first * 0.5) < 1e-6
+
+
+def test_scratch_is_per_thread_and_can_be_freed():
+    """Backward runs on autograd's worker thread: each thread has its own scratch, and release_workspace frees
+    them all."""
+    layer = FDConv2d(32, 32, 3, padding=1, num_freq_groups=8)
+    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+    layer(x).sum().backward()
+    thread = threading.Thread(target=lambda: layer(x.detach()))
+    thread.start()
+    thread.join()
+    assert len(ops._pools) >= 2
+    ops.release_workspace()
+    assert not ops._pools
+    expected = naive_fdconv(layer, x.detach())
+    with torch.no_grad():
+        assert rel_err(layer(x), expected) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name,size', [('resnet50_fdconv', 64), ('convnext_tiny_fdconv', 64),
+                                       ('swin_tiny_patch4_window7_224_fdconv', 224)])
+def test_compile_fullgraph_matches_eager(name, size):
+    """torch.compile(model, fullgraph=True): no graph break, eval outputs and a training step's gradients equal
+    to eager; the operators stay inside the graph (their fused CPU kernels run there)."""
+    torch.manual_seed(0)
+    model = liven_(timm.create_model(name, num_classes=10))
+    for module in model.modules():
+        if isinstance(module, (FDConv2d, fdconv_zoo.FDLinear)):
+            randomize_(module, scale=0.1)  # non-identity modulation
+    x = torch.randn(2, 3, size, size)
+    compiled = torch.compile(model, fullgraph=True)
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) < 1e-5
+    model.train()
+    grads = []
+    for run in (model, compiled):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same drop path
+        run(x).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        assert rel_err(grads[1][n], g) < 1e-4, n

@@ -16,7 +16,8 @@ from fdconv_zoo.layers import native, ops
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+    """Largest difference relative to the largest value (0 where both are all zeros)."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
 @pytest.fixture(params=['fused', 'torch'])
@@ -200,24 +201,43 @@ def test_scratch_is_per_thread_and_can_be_freed():
         assert rel_err(layer(x), expected) < 1e-5
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('name,size', [('convnext_tiny_fdconv', 64), ('swin_tiny_patch4_window7_224_fdconv', 224)])
-def test_compile_fullgraph_matches_eager(name, size):
-    """torch.compile(model, fullgraph=True): no graph break, eval outputs and a training step's gradients equal
-    to eager; the operators stay inside the graph (their fused CPU kernels run there). ResNet-50 compiles with
-    fullgraph too, but its randomised test model's activations explode (1e16) and the comparison is not yet
-    meaningful there (issue 13 stays open for it)."""
-    torch.manual_seed(0)
+def _modulated(name: str) -> torch.nn.Module:
+    """A randomly initialised model whose FDConv layers modulate (non-identity, input-dependent attention) and
+    whose eval activations stay near unit scale, so that compiled and eager can be compared to float32
+    rounding. ResNet: every residual branch reaches the output, head and band biases and local taps moved (with
+    input-dependent heads its eval-mode BatchNorm, which does not renormalise, lets activations explode); the
+    others renormalise with LayerNorm and take random modulation everywhere."""
+    if name.startswith('resnet'):
+        model = timm.create_model(name, num_classes=10, zero_init_last=False)
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(('_fc.bias', 'band_conv.bias', 'ksm_local.conv.weight')):
+                    p.add_(torch.randn(p.shape, generator=gen) * (0.3 if n.endswith('bias') else 0.05))
+        return model
     model = liven_(timm.create_model(name, num_classes=10))
     for module in model.modules():
         if isinstance(module, (FDConv2d, fdconv_zoo.FDLinear)):
-            randomize_(module, scale=0.1)  # non-identity modulation
+            randomize_(module, scale=0.1)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name,size', [('resnet50_fdconv', 64), ('convnext_tiny_fdconv', 64),
+                                       ('swin_tiny_patch4_window7_224_fdconv', 224)])
+def test_compile_fullgraph_matches_eager(name, size):
+    """torch.compile(model, fullgraph=True): no graph break, eval outputs and a training step's gradients equal
+    to eager; the operators stay inside the graph (their fused CPU kernels run there). ResNet trains with frozen
+    BatchNorm statistics (the detection setting): with batch statistics a random ResNet-50's gradients are so
+    ill-conditioned that float32 eager itself is 18% away from float64 (dense timm model, batch 4, 128 px)."""
+    torch.manual_seed(0)
+    model = _modulated(name)
     x = torch.randn(2, 3, size, size)
     compiled = torch.compile(model, fullgraph=True)
     model.eval()
     with torch.no_grad():
         assert rel_err(compiled(x), model(x)) < 1e-5
-    model.train()
+    model.train(not name.startswith('resnet'))
     grads = []
     for run in (model, compiled):
         model.zero_grad()

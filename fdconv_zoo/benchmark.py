@@ -239,9 +239,10 @@ class BenchResult:
 
 
 def compare(fd_name: str, mode: str, batch_size: int, img_size: int, repeats: int = 5, warmup: int = 1,
-            device: str | torch.device = 'cpu', amp: bool = False) -> BenchResult:
+            device: str | torch.device = 'cpu', amp: bool = False, compile: bool = False) -> BenchResult:
     """Dense timm model vs its FDConv version in this process, repeats interleaved, medians reported (and the
-    quartiles of the per-repeat ratios)."""
+    quartiles of the per-repeat ratios); with ``compile`` both run as ``torch.compile(model, fullgraph=True)``
+    (compiled during the warm-up)."""
     import timm
     device = torch.device(device)
     torch.manual_seed(0)
@@ -253,6 +254,8 @@ def compare(fd_name: str, mode: str, batch_size: int, img_size: int, repeats: in
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     target = torch.randint(0, 1000, (batch_size,), device=device)
     optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in models.items()}
+    if compile:
+        models = {k: torch.compile(m, fullgraph=True) for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in models}
     peaks: dict[str, float] = {}
     for i in range(warmup + repeats):

@@ -78,13 +78,14 @@ def bench(args: argparse.Namespace) -> int:
     rows = []
     for name in args.models:
         for bs in args.batch_sizes:
-            rows.append(compare(name, 'eval', bs, args.img_size, args.repeats, device=args.device, amp=args.amp))
+            rows.append(compare(name, 'eval', bs, args.img_size, args.repeats, device=args.device, amp=args.amp,
+                                compile=args.compile))
             print(_bench_line(rows[-1]), flush=True)
         if args.train_batch_size:
             rows.append(compare(name, 'train', args.train_batch_size, args.train_img_size, args.repeats,
-                                device=args.device, amp=args.amp))
+                                device=args.device, amp=args.amp, compile=args.compile))
             print(_bench_line(rows[-1]), flush=True)
-    result = {'device': str(args.device), 'amp_bf16': args.amp, 'torch': torch.__version__,
+    result = {'device': str(args.device), 'amp_bf16': args.amp, 'compiled': args.compile, 'torch': torch.__version__,
               'threads': torch.get_num_threads(), 'rows': [r.to_dict() for r in rows]}
     if args.breakdown:
         result['breakdown'] = {}
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--repeats', type=int, default=5, help='timed repeats (interleaved dense/FDConv)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--amp', action='store_true', help='bf16 autocast')
+    p.add_argument('--compile', action='store_true', help='time torch.compile(model, fullgraph=True) of both models')
     p.add_argument('--breakdown', action='store_true', help='also profile the FDConv parts')
     p.add_argument('--out', default=None, help='write the results as JSON here')
     p.set_defaults(func=bench)

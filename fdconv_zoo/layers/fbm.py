@@ -46,7 +46,7 @@ class FBM(nn.Module):
         x = x.to(fft_dtype(x.dtype))
         b, c, h, w = x.shape
         taps = self.band_conv.weight.to(x.dtype).flip(2, 3).permute(0, 2, 3, 1).reshape(-1, c)  # (J*9, Cin)
-        maps = torch.matmul(taps, x.reshape(b, c, h * w))
+        maps = torch.bmm(taps.expand(b, -1, -1), x.reshape(b, c, h * w))  # (matmul would keep a copy of x)
         logits = F.fold(maps, (h, w), 3, padding=1) + self.band_conv.bias.to(x.dtype).view(1, -1, 1, 1)
         return 2.0 * torch.sigmoid(logits)
 

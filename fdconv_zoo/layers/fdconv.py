@@ -20,7 +20,8 @@ from timm.layers import register_notrace_module
 from .fbm import FBM
 from .fdw import FourierDisjointWeight
 from .ksm import KSMGlobal, KSMLocal
-from .ops import dynamic_conv, fft_dtype
+from .ops import dynamic_conv, fft_dtype, region
+from .reference import infer_layer_shape, load_reference_layer
 
 _Size2 = int | tuple[int, int]
 
@@ -120,14 +121,16 @@ class _FrequencyDynamicLayer(nn.Module):
         self._check_input(x)
         x = self._tokens(x)
         dims = (1,) if x.ndim == 3 else (2, 3)
-        pooled = x.to(fft_dtype(x.dtype)).mean(dims).to(self.ksm_global.fc.weight.dtype)  # KSM statistics (B, Cin)
-        att = self.ksm_global(pooled)
-        taps = windows = None
-        channel = att.channel
-        if self.ksm_local is not None:
-            taps, windows = self.ksm_local.taps(), self.ksm_local(pooled)
-            channel = channel * self.att_multi  # the local branch's factor att_multi * sigmoid(L)
-        band_scale = self.fbm.band_scale(x) if self.fbm is not None else None
+        with region('fdconv.ksm'):
+            pooled = x.to(fft_dtype(x.dtype)).mean(dims).to(self.ksm_global.fc.weight.dtype)  # statistics (B, Cin)
+            att = self.ksm_global(pooled)
+            taps = windows = None
+            channel = att.channel
+            if self.ksm_local is not None:
+                taps, windows = self.ksm_local.taps(), self.ksm_local(pooled)
+                channel = channel * self.att_multi  # the local branch's factor att_multi * sigmoid(L)
+        with region('fdconv.fbm'):
+            band_scale = self.fbm.band_scale(x) if self.fbm is not None else None
         stride, padding, pre_pad, dilation, mode = self._conv_options()
         return dynamic_conv(
             x, band_scale, self.fdw.spectrum, self.fdw.indices(), att.kernel, taps, windows, channel, att.spatial,
@@ -220,7 +223,6 @@ class FDConv2d(_FrequencyDynamicLayer):
         Channels and kernel size are read off the state dict unless given; ``grouping`` is the reference's
         ``official_indices`` (1, 2, n, N/n) or a (R, C) bin -> group map.
         """
-        from .reference import infer_layer_shape, load_reference_layer
         kwargs = {**infer_layer_shape(state_dict), **constructor_kwargs}
         if 'num_freq_groups' not in constructor_kwargs and grouping is not None and grouping.ndim == 4:
             kwargs['num_freq_groups'] = grouping.shape[2]

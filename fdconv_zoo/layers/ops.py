@@ -16,6 +16,7 @@ decides), and scratch memory for them comes from a per-thread pool that ``releas
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from functools import lru_cache
@@ -23,6 +24,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.profiler import record_function
 from torch.utils.flop_counter import register_flop_formula
 
 from . import native
@@ -36,6 +38,11 @@ def fft_dtype(dtype: torch.dtype) -> torch.dtype:
 def _native(*tensors: Tensor) -> bool:
     """The backend choice: the fused CPU loops for float32 CPU tensors where the library loads, else PyTorch."""
     return native.usable(*tensors)
+
+
+def region(name: str) -> contextlib.AbstractContextManager:
+    """A named profiler region (the parts of ``fdconv-zoo bench --breakdown``); free when no profiler runs."""
+    return record_function(name) if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext()
 
 
 # ---- scratch memory of the fused loops: per thread (backward runs on autograd's thread), freeable ----------------
@@ -652,9 +659,12 @@ def _dynamic_conv(x, band_scale, spectrum, group_index, attention, taps, windows
     conv = _Conv(x, rows, kernel_size, groups, stride, padding, dilation, pre_pad, padding_mode)
     b = x.shape[0]
     out = _product_buffer('conv.product', (b, rows, cols), fft_dtype(spectrum.dtype), x.device)
-    product = _synthesize(spectrum, group_index, attention, taps, windows, channel, kernel_size, groups, out)
-    inp = _kernel_input(x, band_scale, cutoffs, conv)
-    y = _apply(inp, product.to(x.dtype), spatial, conv)
+    with region('fdconv.synthesis'):
+        product = _synthesize(spectrum, group_index, attention, taps, windows, channel, kernel_size, groups, out)
+    with region('fdconv.fbm'):
+        inp = _kernel_input(x, band_scale, cutoffs, conv)
+    with region('fdconv.conv'):
+        y = _apply(inp, product.to(x.dtype), spatial, conv)
     shape = conv.channel_shape(y)
     if filter_attention is not None:
         y.mul_(filter_attention.view(shape).to(y.dtype))

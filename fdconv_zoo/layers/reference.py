@@ -7,11 +7,14 @@ band (stacked here into one conv). Parts missing from a checkpoint keep their id
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
-from .fdconv import FDConv2d
 from .fdw import dense_spectrum
+
+if TYPE_CHECKING:  # the layer builds itself from a reference state dict through this module
+    from .fdconv import FDConv2d
 
 _HEADS = ('channel_fc', 'filter_fc', 'spatial_fc', 'kernel_fc')
 BN_EPS = 1e-5

@@ -394,12 +394,11 @@ def _spectrum_adjoint(grad: Tensor, spectrum: Tensor, group_index: Tensor, atten
     return grad_spectrum, grad_attention
 
 
-def _empty_if_none(t: Tensor | None, like: Tensor) -> Tensor:
-    return like.new_empty(0) if t is None else t
-
-
-def _none_if_empty(t: Tensor, ref: Tensor | None) -> Tensor | None:
-    return None if ref is None else t
+def _as_inputs(grads, inputs, like: Tensor) -> list[Tensor]:
+    """Gradients shaped and typed like their inputs; an empty tensor stands for an absent (None) input, since an
+    operator's list of outputs cannot hold None."""
+    return [like.new_empty(0) if ref is None else g.to(ref.dtype).reshape(ref.shape)
+            for g, ref in zip(grads, inputs, strict=True)]
 
 
 @torch.library.custom_op('fdconv::synthesize', mutates_args=())
@@ -428,8 +427,7 @@ def synthesize_backward(grad: Tensor, spectrum: Tensor, group_index: Tensor, att
     grad = grad.to(product.dtype, copy=True)
     grads = _synthesis_backward(grad, product, spectrum, group_index, attention, taps, windows, channel,
                                 kernel_size, groups)[:5]
-    return [_empty_if_none(g, spectrum).to(ref.dtype).view(ref.shape) if ref is not None else spectrum.new_empty(0)
-            for g, ref in zip(grads, (spectrum, attention, taps, windows, channel), strict=True)]
+    return _as_inputs(grads, (spectrum, attention, taps, windows, channel), spectrum)
 
 
 @synthesize_backward.register_fake
@@ -449,7 +447,7 @@ def _synthesize_grad(ctx, grad):
     grads = synthesize_backward(grad, spectrum, group_index, attention, taps, windows, channel, ctx.kernel_size,
                                 ctx.groups)
     g_spectrum, g_attention, g_taps, g_windows, g_channel = grads
-    return (g_spectrum, None, g_attention, _none_if_empty(g_taps, taps), _none_if_empty(g_windows, windows),
+    return (g_spectrum, None, g_attention, None if taps is None else g_taps, None if windows is None else g_windows,
             g_channel, None, None)
 
 
@@ -780,11 +778,8 @@ def dynamic_conv_backward(grad_out: Tensor, x: Tensor, band_scale: Tensor | None
                                      filter_attention, bias), strict=True))
     grads = _dynamic_conv_backward(grad_out, *inputs.values(), kernel_size, groups, stride, padding, dilation,
                                    pre_pad, padding_mode, cutoffs)
-    result = []
-    for name in _CONV_DIFFERENTIABLE:
-        ref, grad = inputs[name], grads.get(name)
-        result.append(x.new_empty(0) if ref is None else grad.to(ref.dtype).reshape(ref.shape))
-    return result
+    return _as_inputs([grads.get(name) for name in _CONV_DIFFERENTIABLE],
+                      [inputs[name] for name in _CONV_DIFFERENTIABLE], x)
 
 
 @dynamic_conv_backward.register_fake

@@ -202,23 +202,19 @@ def test_scratch_is_per_thread_and_can_be_freed():
 
 
 def _modulated(name: str) -> torch.nn.Module:
-    """A randomly initialised model whose FDConv layers modulate (non-identity, input-dependent attention) and
-    whose eval activations stay near unit scale, so that compiled and eager can be compared to float32
-    rounding. ResNet: every residual branch reaches the output, head and band biases and local taps moved (with
-    input-dependent heads its eval-mode BatchNorm, which does not renormalise, lets activations explode); the
-    others renormalise with LayerNorm and take random modulation everywhere."""
+    """A randomly initialised model whose FDConv layers modulate (head and band biases and local taps moved, so
+    the factors differ from 1 and the local ones depend on the input) and whose every residual branch reaches
+    the output. Random modulation of every KSM weight makes a deep model chaotic: float32 eager itself is then
+    2-5% away from float64, and no comparison to float32 rounding means anything."""
     if name.startswith('resnet'):
         model = timm.create_model(name, num_classes=10, zero_init_last=False)
-        gen = torch.Generator().manual_seed(2)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.endswith(('_fc.bias', 'band_conv.bias', 'ksm_local.conv.weight')):
-                    p.add_(torch.randn(p.shape, generator=gen) * (0.3 if n.endswith('bias') else 0.05))
-        return model
-    model = liven_(timm.create_model(name, num_classes=10))
-    for module in model.modules():
-        if isinstance(module, (FDConv2d, fdconv_zoo.FDLinear)):
-            randomize_(module, scale=0.1)
+    else:
+        model = liven_(timm.create_model(name, num_classes=10, drop_path_rate=0.0))  # compiled RNG differs
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(('_fc.bias', 'band_conv.bias', 'ksm_local.conv.weight')):
+                p.add_(torch.randn(p.shape, generator=gen) * (0.3 if n.endswith('bias') else 0.05))
     return model
 
 
@@ -241,7 +237,6 @@ def test_compile_fullgraph_matches_eager(name, size):
     grads = []
     for run in (model, compiled):
         model.zero_grad()
-        torch.manual_seed(1)  # the same drop path
         run(x).square().mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()

@@ -242,3 +242,36 @@ def test_compile_fullgraph_matches_eager(name, size):
     assert grads[0].keys() == grads[1].keys()
     for n, g in grads[0].items():
         assert rel_err(grads[1][n], g) < 1e-4, n
+
+
+def test_out_of_memory_in_native_code_is_a_python_exception(tmp_path):
+    """A failed allocation inside the fused loops raises MemoryError; the process does not abort. Run in a
+    child process whose address space is capped just above what it holds once everything else is allocated."""
+    script = tmp_path / 'oom.py'
+    script.write_text('''
+import resource, sys
+import torch
+from fdconv_zoo.layers import native
+torch.set_num_threads(1)
+b, cin, cout, k, taps_k = 64, 512, 32, 3, 5
+rows, cols = cout * k, cin * k
+half = cols // 2 + 1
+spectrum, group = torch.randn(half, rows, 2), torch.zeros(half, rows, dtype=torch.uint8)
+attention, taps = torch.rand(b, 4), torch.randn(rows * k, taps_k)
+windows, channel = torch.randn(b, cin, taps_k), torch.rand(b, cin)
+columns, out = torch.empty(rows * b * half * 2), torch.empty(b, rows, cols)
+work = torch.empty(native.workspace_floats(0, b, rows, cols))
+native.synthesize(spectrum, group, attention, taps, windows, channel, k, columns, work, out)  # warm
+with open('/proc/self/status') as f:
+    size = next(int(line.split()[1]) for line in f if line.startswith('VmSize')) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + (1 << 20), resource.RLIM_INFINITY))  # spread windows: 2 MB
+try:
+    native.synthesize(spectrum, group, attention, taps, windows, channel, k, columns, work, out)
+except MemoryError as e:
+    print('MemoryError:', e)
+''')
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 'MemoryError: fdconv native loop fdconv_synthesize_u8: out of memory' in done.stdout

@@ -15,8 +15,9 @@ SUITE = Path(__file__).resolve().parent.parent / '.timm-tests' / f'timm-{timm.__
 
 # test -> why it cannot apply to FDConv models
 DESELECT = {
-    'test_model_forward_torchscript': 'TorchScript cannot compile the per-size FBM basis cache and the custom '
-                                      'autograd function of training; torch.compile is supported and tested instead',
+    'test_model_forward_torchscript': 'TorchScript (deprecated upstream) cannot script the eager-only check of the '
+                                      'group map (data_ptr, _version) nor the Python operators; torch.compile with '
+                                      'fullgraph is tested instead (tests/test_ops.py)',
 }
 # timm's CI leaves this unmarked test out (it prunes every model at every index); the smallest model of each
 # family runs it, the larger ones share its code paths

@@ -812,11 +812,14 @@ dynamic_conv.register_autograd(_conv_grad, setup_context=_conv_setup)
 def _dynamic_conv_flops(x_shape, band_scale_shape, spectrum_shape, group_shape, attention_shape, taps_shape,
                         windows_shape, channel_shape, spatial_shape, filter_shape, bias_shape, kernel_size, groups,
                         *args, out_shape=None, **kwargs) -> int:
-    """The per-sample inverse FFTs, the convolution (2 per multiply-add) and FBM's basis products."""
+    """The per-sample inverse FFTs, the local branch's logits and the convolution (2 per multiply-add), and FBM's
+    basis products."""
     b, rows = x_shape[0], spectrum_shape[1]
     cols = channel_shape[1] // groups * kernel_size
     positions = out_shape[1] if len(out_shape) == 3 else out_shape[2] * out_shape[3]
     flops = synthesis_fft_flops(rows, cols, b) + 2 * b * rows * cols * positions
+    if taps_shape is not None:
+        flops += 2 * b * rows * cols * taps_shape[1]
     if band_scale_shape is not None:
         cutoffs = args[-1] if args else kwargs['cutoffs']
         c, h, w = x_shape[1:]

@@ -119,11 +119,6 @@ def library() -> ctypes.CDLL | None:
     return _state['lib']
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the loops apply to all of these tensors: float32 on the CPU, and a library."""
-    return all(t.dtype == torch.float32 and t.device.type == 'cpu' for t in tensors) and library() is not None
-
-
 def workspace_floats(kind: int, *sizes: int) -> int:
     """Floats of the per-thread block buffers (``work``) that a loop needs (see fdconv_workspace_floats)."""
     return int(library().fdconv_workspace_floats(kind, *sizes, *[0] * (5 - len(sizes))))

@@ -11,7 +11,7 @@
 Each operator has one implementation that runs on any device with plain PyTorch (whole batches: one 2-D FFT
 per call, no CPU-cache slicing), a fake implementation (shapes only) so that torch.compile and torch.export
 trace through it, and its gradient registered with it. Where the tensors are float32 on the CPU and the fused
-loops of ``native`` load, the same functions run those loops instead (``_native`` is the one place that
+loops of ``native`` load, the same functions run those loops instead (``_native_for`` is the one place that
 decides), and scratch memory for them comes from a per-thread pool that ``release_workspace`` frees.
 """
 from __future__ import annotations
@@ -35,9 +35,13 @@ def fft_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _native(*tensors: Tensor) -> bool:
+def _native_for(dtype: torch.dtype, device: torch.device) -> bool:
     """The backend choice: the fused CPU loops for float32 CPU tensors where the library loads, else PyTorch."""
-    return native.usable(*tensors)
+    return dtype == torch.float32 and device.type == 'cpu' and native.library() is not None
+
+
+def _native(*tensors: Tensor) -> bool:
+    return all(_native_for(t.dtype, t.device) for t in tensors)
 
 
 def region(name: str) -> contextlib.AbstractContextManager:
@@ -646,7 +650,7 @@ def _apply_backward(inp: Tensor, grad: Tensor, product: Tensor, spatial: Tensor 
 
 def _product_buffer(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor | None:
     """Scratch for a B x |W| tensor that stays inside an operator, where the fused loops run; else None."""
-    if dtype == torch.float32 and device.type == 'cpu' and native.library() is not None:
+    if _native_for(dtype, device):
         return _scratch(role, math.prod(shape)).view(shape)
     return None
 

@@ -111,3 +111,9 @@ def test_features_only_strides_4_to_32(name, size):
     with torch.no_grad():
         inter = full.forward_intermediates(torch.randn(1, 3, size, size), indices=4, intermediates_only=True)
     assert len(inter) == 4
+
+
+def test_configs_saved_with_the_old_recompute_option_still_load():
+    with pytest.warns(FutureWarning, match="'recompute' is gone"):
+        model = timm.create_model('resnet18_fdconv', recompute=False, num_freq_groups=8)
+    assert model.layer1[0].conv1.num_freq_groups == 8

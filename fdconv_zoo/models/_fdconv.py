@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,10 @@ FDCONV_OPTIONS: dict[str, Any] = {
 
 def fdconv_options(**overrides: Any) -> dict[str, Any]:
     """The layer options with ``overrides`` applied; an unknown name is a TypeError that names it."""
+    if 'recompute' in overrides:  # an option before the fdconv operators; configs saved with it still load
+        overrides = {k: v for k, v in overrides.items() if k != 'recompute'}
+        warnings.warn("FDConv option 'recompute' is gone: training always rebuilds the per-sample kernels in "
+                      "backward; ignoring it", FutureWarning, stacklevel=3)
     unknown = sorted(set(overrides) - set(FDCONV_OPTIONS))
     if unknown:
         raise TypeError(f"unknown FDConv option(s): {unknown}")
@@ -32,7 +37,7 @@ def fdconv_options(**overrides: Any) -> dict[str, Any]:
 
 def pop_fdconv_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Take the FDConv options out of a model constructor's kwargs (the rest go to the timm base class)."""
-    return fdconv_options(**{k: kwargs.pop(k) for k in list(kwargs) if k in FDCONV_OPTIONS})
+    return fdconv_options(**{k: kwargs.pop(k) for k in list(kwargs) if k in FDCONV_OPTIONS or k == 'recompute'})
 
 
 def fdconv_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

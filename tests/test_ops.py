@@ -275,3 +275,24 @@ except MemoryError as e:
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert 'MemoryError: fdconv native loop fdconv_synthesize_u8: out of memory' in done.stdout
+
+
+def test_mkl_refusing_a_transform_size_falls_back_to_the_pytorch_code(monkeypatch):
+    """Where MKL refuses a size the loops report it (native.FFTRefused) and the operators compute the same
+    values with their PyTorch code, forward and backward."""
+    layer = FDConv2d(16, 24, 3, padding=1, num_freq_groups=8)
+    randomize_(layer, scale=0.2)
+    x = torch.randn(2, 16, 7, 6)
+    expected = naive_fdconv(layer, x)
+
+    def refuse(*args, **kwargs):
+        raise native.FFTRefused("MKL's FFT refused a transform size")
+    monkeypatch.setattr(native, 'synthesize', refuse)
+    monkeypatch.setattr(native, 'synthesis_gradient', refuse)
+    inp = x.clone().requires_grad_()
+    y = layer(inp)
+    assert rel_err(y.detach(), expected) < 1e-5
+    y.square().sum().backward()
+    ref_inp = x.clone().requires_grad_()
+    naive_fdconv(layer, ref_inp).square().sum().backward()
+    assert rel_err(inp.grad, ref_inp.grad) < 1e-4

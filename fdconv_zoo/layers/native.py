@@ -41,11 +41,19 @@ _SIGNATURES = {
     **{f'fdconv_synthesize_{index}': [_P] * 9 + [_I] * 6 for index in ('u8', 'i32')},
     **{f'fdconv_synthesis_gradient_{index}': [_P] * 9 + [_I] * 4 for index in ('u8', 'i32')},
 }
-_STATUS = {1: (RuntimeError, "MKL's FFT refused a transform size"), 2: (MemoryError, "out of memory"),
+
+
+class FFTRefused(RuntimeError):
+    """MKL's FFT refused a transform size: the caller runs the PyTorch code instead."""
+
+
+_STATUS = {1: (FFTRefused, "MKL's FFT refused a transform size"), 2: (MemoryError, "out of memory"),
            3: (ValueError, "a group id of the bin -> group map (fdw.group_index) is outside [0, n)")}
 # MKL's FFT inside libtorch (torch built with MKL), which the synthesis and its adjoint call
 _DFTI = ('DftiCreateDescriptor_s_1d', 'DftiSetValue', 'DftiCommitDescriptor', 'DftiComputeBackward',
          'DftiComputeForward')
+
+
 def _cpu_signature() -> str:
     """What the compiled code depends on besides the source: the CPU's instruction set extensions."""
     try:

@@ -301,6 +301,15 @@ def _per_column_sum(values: Tensor, channels: int, k: int, groups: int) -> Tenso
     return values.view(b, groups, rows // groups, cg, k).sum((2, 4)).reshape(b, channels)
 
 
+def _in_dtype(dtype: torch.dtype, spectrum: Tensor, attention: Tensor, taps: Tensor | None, windows: Tensor | None,
+              channel: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
+    """The synthesis inputs in the dtype it computes in; the vectors and the local taps (Cout*k*k, K) contiguous,
+    as the fused loops read them."""
+    if taps is not None:
+        taps, windows = taps.to(dtype).reshape(taps.shape[0], -1).contiguous(), windows.to(dtype).contiguous()
+    return spectrum.to(dtype), attention.to(dtype).contiguous(), taps, windows, channel.to(dtype).contiguous()
+
+
 def _matrices(spectrum: Tensor, group_index: Tensor, attention: Tensor, rows: int, cols: int) -> Tensor:
     """irfft2 of the half spectrum scaled per group, whole batch in one transform: (B, R, C)."""
     check_group_index(group_index, attention.shape[1])
@@ -312,10 +321,8 @@ def _matrices(spectrum: Tensor, group_index: Tensor, attention: Tensor, rows: in
 def _synthesize(spectrum: Tensor, group_index: Tensor, attention: Tensor, taps: Tensor | None,
                 windows: Tensor | None, channel: Tensor, k: int, groups: int, out: Tensor | None = None) -> Tensor:
     """P (B, Cout*k, Cg*k) in the FFT dtype; into ``out`` if given (the fused loops' scratch, inside an op)."""
-    dtype = fft_dtype(spectrum.dtype)
-    spectrum, attention, channel = spectrum.to(dtype), attention.to(dtype).contiguous(), channel.to(dtype)
-    if taps is not None:
-        taps, windows = taps.to(dtype).reshape(taps.shape[0], -1).contiguous(), windows.to(dtype).contiguous()
+    spectrum, attention, taps, windows, channel = _in_dtype(fft_dtype(spectrum.dtype), spectrum, attention, taps,
+                                                            windows, channel)
     rows, cols = _geometry(spectrum, channel, k, groups)
     b = attention.shape[0]
     if _native(spectrum) and b and (groups == 1 or taps is None):
@@ -323,12 +330,11 @@ def _synthesize(spectrum: Tensor, group_index: Tensor, attention: Tensor, taps: 
         half = cols // 2 + 1
         columns = _scratch('synthesis.columns', rows * b * half * 2)
         work = _scratch('synthesis.work', native.workspace_floats(0, b, rows, cols))
-        local = (taps, windows, channel.contiguous()) if taps is not None else (None, None, None)
+        local = (taps, windows, channel) if taps is not None else (None, None, None)
         try:
             native.synthesize(spectrum.contiguous(), group_index, attention, *local, k, columns, work, out)
-        except RuntimeError as e:  # MKL refused a transform size: the PyTorch code computes the same
-            if 'refused' not in str(e):
-                raise
+        except native.FFTRefused:  # the PyTorch code below computes the same
+            pass
         else:
             return out if taps is not None else out.mul_(_per_column(channel, rows, k, groups))
     product = _matrices(spectrum, group_index, attention, rows, cols)
@@ -344,15 +350,13 @@ def _synthesis_backward(grad: Tensor, product: Tensor, spectrum: Tensor, group_i
     overwritten): spectrum, attention, taps, windows (None without the local branch), channel, and
     sum_i P * dP per (sample, row, v) (B, R, k), which gives the filter and spatial attention's gradients."""
     dtype = product.dtype
-    spectrum, attention, channel = spectrum.to(dtype), attention.to(dtype).contiguous(), channel.to(dtype)
+    spectrum, attention, taps, windows, channel = _in_dtype(dtype, spectrum, attention, taps, windows, channel)
     rows, cols = product.shape[1:]
     b, cin = channel.shape
     grad_taps = grad_windows = None
-    if taps is not None:
-        taps, windows = taps.to(dtype).reshape(taps.shape[0], -1).contiguous(), windows.to(dtype).contiguous()
     if taps is not None and groups == 1 and _native(product):  # one pass; grad becomes dL/dM in place
         per_tap, grad_taps, grad_windows, channel_sums = native.local_modulation_backward(
-            product, grad, taps, windows, channel.contiguous(), k)
+            product, grad, taps, windows, channel, k)
     else:
         pdp = product * grad
         per_tap = pdp.view(b, rows, cols // k, k).sum(2)
@@ -385,10 +389,9 @@ def _spectrum_adjoint(grad: Tensor, spectrum: Tensor, group_index: Tensor, atten
         try:
             return native.synthesis_gradient(grad.contiguous(), spectrum.contiguous(), group_index, weight,
                                              attention, columns, work)
-        except RuntimeError as e:
-            if 'refused' not in str(e):
-                raise
-    check_group_index(group_index, attention.shape[1])
+        except native.FFTRefused:  # the PyTorch code below computes the same
+            pass
+    # no check of group_index here: the product being differentiated was made from it (_matrices checks it)
     spec = torch.view_as_real(torch.fft.fft(torch.fft.rfft(grad, dim=-1), dim=-2).transpose(1, 2))  # (B, H, R, 2)
     spec = spec * weight.view(1, -1, 1, 1)
     index = group_index.long()
@@ -442,7 +445,6 @@ def _(grad, spectrum, group_index, attention, taps, windows, channel, kernel_siz
 
 def _synthesize_setup(ctx, inputs, output):
     *tensors, ctx.kernel_size, ctx.groups = inputs
-    ctx.optional = [t is None for t in tensors]
     ctx.save_for_backward(*tensors)
 
 
@@ -655,16 +657,25 @@ def _product_buffer(role: str, shape: tuple[int, ...], dtype: torch.dtype, devic
     return None
 
 
-def _dynamic_conv(x, band_scale, spectrum, group_index, attention, taps, windows, channel, spatial, filter_attention,
-                  bias, kernel_size, groups, stride, padding, dilation, pre_pad, padding_mode, cutoffs) -> Tensor:
+def _kernels_and_input(x, band_scale, spectrum, group_index, attention, taps, windows, channel, kernel_size, groups,
+                       stride, padding, dilation, pre_pad, padding_mode, cutoffs) -> tuple[_Conv, Tensor, Tensor]:
+    """What the forward makes and the backward makes again: the geometry, the kernels P (in scratch memory where
+    the fused loops run) and the tensor they multiply."""
     rows, cols = _geometry(spectrum, channel, kernel_size, groups)
     conv = _Conv(x, rows, kernel_size, groups, stride, padding, dilation, pre_pad, padding_mode)
-    b = x.shape[0]
-    out = _product_buffer('conv.product', (b, rows, cols), fft_dtype(spectrum.dtype), x.device)
+    out = _product_buffer('conv.product', (x.shape[0], rows, cols), fft_dtype(spectrum.dtype), x.device)
     with region('fdconv.synthesis'):
         product = _synthesize(spectrum, group_index, attention, taps, windows, channel, kernel_size, groups, out)
     with region('fdconv.fbm'):
         inp = _kernel_input(x, band_scale, cutoffs, conv)
+    return conv, product, inp
+
+
+def _dynamic_conv(x, band_scale, spectrum, group_index, attention, taps, windows, channel, spatial, filter_attention,
+                  bias, kernel_size, groups, stride, padding, dilation, pre_pad, padding_mode, cutoffs) -> Tensor:
+    conv, product, inp = _kernels_and_input(x, band_scale, spectrum, group_index, attention, taps, windows, channel,
+                                            kernel_size, groups, stride, padding, dilation, pre_pad, padding_mode,
+                                            cutoffs)
     with region('fdconv.conv'):
         y = _apply(inp, product.to(x.dtype), spatial, conv)
     shape = conv.channel_shape(y)
@@ -736,12 +747,10 @@ _CONV_DIFFERENTIABLE = [name for name in _CONV_INPUTS if name != 'group_index']
 def _dynamic_conv_backward(grad_out, x, band_scale, spectrum, group_index, attention, taps, windows, channel, spatial,
                            filter_attention, bias, kernel_size, groups, stride, padding, dilation, pre_pad,
                            padding_mode, cutoffs) -> dict[str, Tensor | None]:
-    rows, cols = _geometry(spectrum, channel, kernel_size, groups)
-    conv = _Conv(x, rows, kernel_size, groups, stride, padding, dilation, pre_pad, padding_mode)
-    b, k, dtype = x.shape[0], kernel_size, fft_dtype(spectrum.dtype)
-    out = _product_buffer('conv.product', (b, rows, cols), dtype, x.device)
-    product = _synthesize(spectrum, group_index, attention, taps, windows, channel, k, groups, out)
-    inp = _kernel_input(x, band_scale, cutoffs, conv)
+    conv, product, inp = _kernels_and_input(x, band_scale, spectrum, group_index, attention, taps, windows, channel,
+                                            kernel_size, groups, stride, padding, dilation, pre_pad, padding_mode,
+                                            cutoffs)
+    (b, rows, cols), k, dtype = product.shape, kernel_size, product.dtype
     grads: dict[str, Tensor | None] = {}
     grad_out = grad_out.to(x.dtype)
     if bias is not None:

@@ -98,7 +98,7 @@ class FourierDisjointWeight(nn.Module):
         group = radial_grouping(self.rows, self.cols, num_groups)
         self.register_buffer('group_of_bin', group.to(device=device), persistent=True)
         self.register_buffer('group_index', None, persistent=False)
-        self._refresh_group_index()
+        self._refresh_group_index(checked=True)  # radial_grouping covers every group by construction
 
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:
@@ -117,14 +117,15 @@ class FourierDisjointWeight(nn.Module):
         """Use a given bin -> group map (R, C/2+1) instead of the radial one (checked: see ``check_grouping``)."""
         check_grouping(group_of_bin, tuple(self.group_of_bin.shape), self.num_groups)
         self.group_of_bin.copy_(group_of_bin)
-        self._refresh_group_index()
+        self._refresh_group_index(checked=True)
 
     @torch.no_grad()
-    def _refresh_group_index(self) -> None:
+    def _refresh_group_index(self, checked: bool = False) -> None:
         """The map as the operators read it: column-major (C/2+1, R) like the spectrum, uint8 for n <= 256 (a
-        quarter of int32's memory traffic), else int32; made only from a checked ``group_of_bin``."""
+        quarter of int32's memory traffic), else int32; made only from a checked ``group_of_bin`` (``checked``:
+        the caller has just checked it)."""
         group = self.group_of_bin
-        if not group.is_meta:
+        if not checked and not group.is_meta:
             check_grouping(group, tuple(group.shape), self.num_groups)
         index_dtype = torch.uint8 if self.num_groups <= 256 else torch.int32
         self.group_index = group.t().to(index_dtype).contiguous()
@@ -150,7 +151,7 @@ class FourierDisjointWeight(nn.Module):
                 return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self._refresh_group_index()
+        self._refresh_group_index(checked=key in state_dict)
 
     def static_weight(self) -> torch.Tensor:
         """The dense kernel the spectrum represents (all group attentions equal to 1)."""

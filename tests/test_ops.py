@@ -149,6 +149,42 @@ def test_group_ids_corrupted_after_loading_are_refused_at_forward(loops):
         layer(x.requires_grad_()).sum().backward()
 
 
+@pytest.mark.parametrize('make', [
+    lambda: FDConv2d(16, 24, 3, padding=1, num_freq_groups=8),
+    lambda: FDConv2d(16, 24, 3, stride=2, padding=1, padding_mode='reflect', num_freq_groups=8),
+    lambda: FDConv2d(16, 24, 1, num_freq_groups=5),
+    lambda: FDConv2d(16, 24, 3, padding=1, groups=4, num_freq_groups=4, fbm=False),
+], ids=['3x3', 'reflect-stride2', '1x1', 'groups'])
+def test_empty_batch_gives_empty_output_and_zero_gradients(make, loops):
+    """A batch of 0 (a distributed sampler's last shard, a filtered detection batch) behaves as in nn.Conv2d:
+    an empty output of the right shape, zero parameter gradients, an empty input gradient."""
+    torch.manual_seed(0)
+    layer = make()
+    dense = torch.nn.Conv2d(16, 24, 3 if layer.fdw.kernel_size == 3 else 1, stride=layer.stride,
+                            padding=layer.padding, padding_mode=layer.padding_mode, groups=layer.groups)
+    x = torch.randn(0, 16, 9, 8, requires_grad=True)
+    y = layer(x)
+    assert y.shape == dense(x).shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
+
+
+def test_empty_batch_through_whole_models(loops):
+    from fdconv_zoo.layers import FDLinear
+    assert FDLinear(8, 16)(torch.randn(0, 5, 8)).shape == (0, 5, 16)
+    for name in ('resnet18_fdconv', 'convnext_tiny_fdconv'):  # timm's dense Swin refuses B=0 itself
+        model = timm.create_model(name, num_classes=5)
+        for training in (False, True):
+            model.train(training)
+            y = model(torch.randn(0, 3, 32, 32))
+            assert y.shape == (0, 5)
+            y.sum().backward()
+        assert [f.shape[0] for f in timm.create_model(name, features_only=True)(torch.randn(0, 3, 32, 32))] == \
+            [0] * (5 if name.startswith('resnet') else 4)
+
+
 def test_native_boundary_checks_dtype_layout_and_shape():
     """What crosses into native code is checked with real errors (not asserts, which python -O drops)."""
     assert native.library() is not None

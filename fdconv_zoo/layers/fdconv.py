@@ -329,7 +329,7 @@ class FDLinear(_FrequencyDynamicLayer):
             raise ValueError(f"FDLinear expects input (B, ..., {self.in_channels}), got {tuple(x.shape)}")
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], -1, self.in_channels)
+        return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), self.in_channels)  # explicit: B may be 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x).view(*x.shape[:-1], self.out_channels)

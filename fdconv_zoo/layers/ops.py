@@ -203,6 +203,8 @@ def band_modulation(x: Tensor, band_scale: Tensor, cutoffs: list[int]) -> Tensor
     """FBM: x (B, C, H, W) with its frequency bands scaled by band_scale (B, J, H, W), in fft_dtype(x.dtype)."""
     _check_bands(x, band_scale, cutoffs)
     dtype = fft_dtype(x.dtype)
+    if x.numel() == 0:
+        return x.to(dtype, copy=True)
     return _band_modulation(x.to(dtype), band_scale.to(dtype), cutoffs)
 
 
@@ -214,6 +216,8 @@ def _(x, band_scale, cutoffs):
 @torch.library.custom_op('fdconv::band_modulation_backward', mutates_args=())
 def band_modulation_backward(grad: Tensor, x: Tensor, band_scale: Tensor, cutoffs: list[int]) -> list[Tensor]:
     dtype = fft_dtype(x.dtype)
+    if x.numel() == 0:
+        return [torch.zeros_like(x), torch.zeros_like(band_scale)]
     grad_x, grad_scale = _band_modulation_backward(grad.to(dtype), x.to(dtype), band_scale.to(dtype), cutoffs)
     return [grad_x.to(x.dtype), grad_scale.to(band_scale.dtype)]
 
@@ -401,6 +405,11 @@ def _spectrum_adjoint(grad: Tensor, spectrum: Tensor, group_index: Tensor, atten
     return grad_spectrum, grad_attention
 
 
+def _empty_batch_gradients(inputs, like: Tensor) -> list[Tensor]:
+    """An empty batch's output depends on nothing: zero gradients (empty for the batch-shaped inputs)."""
+    return [like.new_empty(0) if ref is None else torch.zeros_like(ref) for ref in inputs]
+
+
 def _as_inputs(grads, inputs, like: Tensor) -> list[Tensor]:
     """Gradients shaped and typed like their inputs; an empty tensor stands for an absent (None) input, since an
     operator's list of outputs cannot hold None."""
@@ -415,6 +424,9 @@ def synthesize(spectrum: Tensor, group_index: Tensor, attention: Tensor, taps: T
     column-major half spectrum, group_index (C/2+1, Cout*k) uint8/int32, attention (B, n) per frequency group,
     local taps (Cout*k*k, K) and windows (B, Cin, K) or None, channel attention (B, Cin)."""
     _check_synthesis(spectrum, group_index, attention, taps, windows, channel, kernel_size, groups)
+    if attention.shape[0] == 0:  # an empty batch has no kernels; the transforms refuse a batch of 0
+        return spectrum.new_empty(0, *_geometry(spectrum, channel, kernel_size, groups),
+                                  dtype=fft_dtype(spectrum.dtype))
     return _synthesize(spectrum, group_index, attention, taps, windows, channel, kernel_size, groups)
 
 
@@ -430,6 +442,8 @@ def synthesize_backward(grad: Tensor, spectrum: Tensor, group_index: Tensor, att
                         windows: Tensor | None, channel: Tensor, kernel_size: int, groups: int) -> list[Tensor]:
     """Gradients of :func:`synthesize` (spectrum, attention, taps, windows, channel; empty for absent ones); the
     matrices are made again rather than kept."""
+    if attention.shape[0] == 0:
+        return _empty_batch_gradients((spectrum, attention, taps, windows, channel), spectrum)
     product = _synthesize(spectrum, group_index, attention, taps, windows, channel, kernel_size, groups)
     grad = grad.to(product.dtype, copy=True)
     grads = _synthesis_backward(grad, product, spectrum, group_index, attention, taps, windows, channel,
@@ -549,6 +563,8 @@ def _kernel_input_backward(grad: Tensor, x: Tensor, band_scale: Tensor | None, c
     if band_scale is None:
         return grad, None
     dtype = fft_dtype(x.dtype)
+    if x.numel() == 0:
+        return [torch.zeros_like(x), torch.zeros_like(band_scale)]
     grad_x, grad_scale = _band_modulation_backward(grad.to(dtype), x.to(dtype), band_scale.to(dtype), cutoffs)
     return grad_x, grad_scale
 
@@ -710,6 +726,9 @@ def dynamic_conv(x: Tensor, band_scale: Tensor | None, spectrum: Tensor, group_i
     cannot do (other modes, uneven 'same')."""
     _check_synthesis(spectrum, group_index, attention, taps, windows, channel, kernel_size, groups)
     _check_conv(x, band_scale, channel, kernel_size, groups, spatial)
+    if x.shape[0] == 0:  # an empty batch: an empty output, as a dense convolution gives (no batch-sized groups)
+        return x.new_empty(_conv_output_shape(x, spectrum.shape[1], kernel_size, groups, stride, padding, dilation,
+                                              pre_pad, padding_mode))
     return _dynamic_conv(x, band_scale, spectrum, group_index, attention, taps, windows, channel, spatial,
                          filter_attention, bias, kernel_size, groups, stride, padding, dilation, pre_pad,
                          padding_mode, cutoffs)
@@ -789,6 +808,8 @@ def dynamic_conv_backward(grad_out: Tensor, x: Tensor, band_scale: Tensor | None
     and FBM's output are made again rather than kept."""
     inputs = dict(zip(_CONV_INPUTS, (x, band_scale, spectrum, group_index, attention, taps, windows, channel, spatial,
                                      filter_attention, bias), strict=True))
+    if x.shape[0] == 0:
+        return _empty_batch_gradients([inputs[name] for name in _CONV_DIFFERENTIABLE], x)
     grads = _dynamic_conv_backward(grad_out, *inputs.values(), kernel_size, groups, stride, padding, dilation,
                                    pre_pad, padding_mode, cutoffs)
     return _as_inputs([grads.get(name) for name in _CONV_DIFFERENTIABLE],

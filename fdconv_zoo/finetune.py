@@ -4,14 +4,17 @@ factories, Mixup/CutMix, label smoothing, ModelEmaV3. ``scripts/finetune.py`` is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,16 +156,54 @@ def load_splits(args: argparse.Namespace):
     return train, val, image, label, _label_names(train, label)
 
 
+@contextlib.contextmanager
+def seeded_rng(*key: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's CPU generators seeded from ``key`` inside, restored after: what a transform
+    draws is a function of the key alone, and the caller's streams (dropout, Mixup) are left untouched."""
+    import numpy as np
+    seed = int(np.random.SeedSequence(key).generate_state(1)[0])
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+class ImageRows(torch.utils.data.Dataset):
+    """(image tensor, label) rows of a Hugging Face dataset. The augmentation of row i in epoch e is drawn from
+    seeded_rng(seed, e, i), so it does not depend on which process or loader worker makes it, on what was
+    prefetched, or on whether the run was resumed: a resumed run sees the same images as an uninterrupted one."""
+
+    def __init__(self, ds, image: str, label: str, transform, seed: int):
+        self.ds, self.image, self.label, self.transform, self.seed = ds, image, label, transform, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        row = self.ds[index]
+        with seeded_rng(self.seed, self.epoch, index):
+            return self.transform(row[self.image].convert('RGB')), row[self.label]
+
+
 def make_loader(ds, image: str, label: str, transform, batch_size: int, shuffle: bool, workers: int,
                 seed: int) -> DataLoader:
-    def apply(batch: dict[str, list]) -> dict[str, Any]:
-        return {'pixel_values': [transform(im.convert('RGB')) for im in batch[image]], 'labels': batch[label]}
-
+    """A loader of ImageRows; the order comes from the sampler, which accelerate re-seeds per epoch
+    (use_seedable_sampler), and its own generator keeps the global streams untouched."""
     def collate(rows):
-        return torch.stack([r['pixel_values'] for r in rows]), torch.tensor([r['labels'] for r in rows])
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(ds.with_transform(apply), batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      collate_fn=collate, generator=generator, drop_last=False, persistent_workers=False)
+        return torch.stack([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+    return DataLoader(ImageRows(ds, image, label, transform, seed), batch_size=batch_size, shuffle=shuffle,
+                      num_workers=workers, collate_fn=collate, generator=torch.Generator().manual_seed(seed),
+                      drop_last=False, persistent_workers=False)
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -239,9 +280,10 @@ def _checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(accelerator, root: Path, step: int, epoch: int, batches_in_epoch: int) -> Path:
-    """accelerator.save_state into step_N.tmp, then renamed: a crash mid-write leaves no complete-looking
-    step_N folder (the rename is the commit)."""
+def save_checkpoint(accelerator, root: Path, step: int, epoch: int, batches_in_epoch: int,
+                    history: list[dict[str, float]]) -> Path:
+    """accelerator.save_state (model, optimizer, scheduler, EMA, every process's random streams) into step_N.tmp,
+    then renamed: a crash mid-write leaves no complete-looking step_N folder (the rename is the commit)."""
     final, tmp = root / f'step_{step}', root / f'step_{step}.tmp'
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -249,7 +291,7 @@ def save_checkpoint(accelerator, root: Path, step: int, epoch: int, batches_in_e
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         (tmp / 'trainer_state.json').write_text(json.dumps(
-            {'step': step, 'epoch': epoch, 'batches_in_epoch': batches_in_epoch}))
+            {'step': step, 'epoch': epoch, 'batches_in_epoch': batches_in_epoch, 'history': history}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     accelerator.wait_for_everyone()
@@ -264,13 +306,14 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
     out = Path(args.output_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
-        log_with=args.report_to, project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out)))
+        log_with=args.report_to, project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     if args.expect_num_processes and accelerator.num_processes != args.expect_num_processes:
         raise RuntimeError(f"expected {args.expect_num_processes} processes, running on {accelerator.num_processes}")
     set_seed(args.seed)
@@ -310,6 +353,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     ckpt_root = out / 'checkpoints'
     step, start_epoch, skip_batches = 0, 0, 0
+    history: list[dict[str, float]] = []
     if args.resume:
         resume = _checkpoints(ckpt_root)[-1][1] if args.resume == 'latest' and _checkpoints(ckpt_root) else \
             Path(args.resume) if args.resume != 'latest' else None
@@ -320,6 +364,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         accelerator.load_state(str(resume))
         state = json.loads((resume / 'trainer_state.json').read_text())
         step, start_epoch, skip_batches = state['step'], state['epoch'], state['batches_in_epoch']
+        history = state.get('history', [])
         accelerator.print(f"resumed from {resume} at update {step} (epoch {start_epoch})")
     if args.report_to:
         accelerator.init_trackers('finetune', config={k: v for k, v in vars(args).items()
@@ -327,12 +372,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     every = None if args.checkpoint_every == 'epoch' else int(args.checkpoint_every)
     max_steps = args.max_steps or updates_per_epoch * args.epochs
-    history: list[dict[str, float]] = []
     model.train()
     done = step >= max_steps
     for epoch in range(start_epoch, args.epochs):
         if done:
             break
+        train_loader.set_epoch(epoch)  # the sampler's order of this epoch
+        train_loader.dataset.set_epoch(epoch)  # and its augmentation (accelerate sets only one of the two)
         loader = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
         bar = tqdm(loader, disable=not accelerator.is_local_main_process, desc=f'epoch {epoch}')
         for batch_idx, (images, labels) in enumerate(bar, start=skip_batches):
@@ -358,7 +404,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             if args.report_to:
                 accelerator.log({'train/loss': loss_value, 'lr': optimizer.param_groups[0]['lr']}, step=step)
             if every and step % every == 0:
-                save_checkpoint(accelerator, ckpt_root, step, epoch, batch_idx + 1)
+                save_checkpoint(accelerator, ckpt_root, step, epoch, batch_idx + 1, history)
             if step >= max_steps:
                 done = True
                 break
@@ -369,7 +415,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if args.report_to:
             accelerator.log({f'val/{k}': v for k, v in metrics.items()}, step=step)
         if every is None and not done:
-            save_checkpoint(accelerator, ckpt_root, step, epoch + 1, 0)
+            save_checkpoint(accelerator, ckpt_root, step, epoch + 1, 0, history)
 
     final = evaluate(ema.module if ema is not None else model, val_loader, accelerator)
     results = {**final, 'steps': step, 'model': args.model, 'num_classes': len(names),

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -113,25 +115,92 @@ def test_one_process_batch8_equals_two_processes_batch4(digits_dataset, tmp_path
     assert sum(not torch.equal(init[k], v) for k, v in weights['one'].items()) > 10  # the two steps did train
 
 
-def test_interrupted_run_resumes_at_saved_step_with_saved_states(digits_dataset, tmp_path):
-    common = [*SMALL_RESNET, '--dataset', digits_dataset, '--batch-size', '16', '--no-shuffle',
-              '--no-augment', '--lr', '1e-3', '--model-ema', '--epochs', '1', '--warmup-epochs', '0.1']
-    full = train(args_for(tmp_path / 'full', *common, '--max-steps', '4'))
-    from accelerate.state import AcceleratorState, PartialState
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    part = args_for(tmp_path / 'part', *common, '--max-steps', '3', '--checkpoint-every', '2')
-    train(part)
-    ckpts = sorted(p.name for p in (tmp_path / 'part' / 'run' / 'checkpoints').iterdir())
-    assert ckpts == ['step_2']  # no .tmp left behind
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    resumed = train(args_for(tmp_path / 'part', *common, '--max-steps', '4', '--resume', 'latest'))
-    assert resumed['steps'] == 4 and full['steps'] == 4
-    a = load_file(str(tmp_path / 'full' / 'run' / 'model' / 'model.safetensors'))
-    b = load_file(str(tmp_path / 'part' / 'run' / 'model' / 'model.safetensors'))
-    for key in a:  # optimizer, scheduler, EMA and data position all restored: same weights as uninterrupted
-        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
+@pytest.fixture(scope='module')
+def small_digits(tmp_path_factory) -> str:
+    """200 digits (160 train, 40 validation): at batch 32 an epoch is 5 updates, so short runs cross epochs."""
+    import datasets
+    images, labels = digits_images(200)
+    features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(num_classes=10)})
+    ds = datasets.Dataset.from_dict({'image': images, 'label': labels}, features=features)
+    parts = ds.train_test_split(test_size=0.2, seed=0, stratify_by_column='label')
+    path = tmp_path_factory.mktemp('small_digits') / 'ds'
+    datasets.DatasetDict(train=parts['train'], validation=parts['test']).save_to_disk(str(path))
+    return str(path)
+
+
+def kill_and_resume_equals_uninterrupted(launch: list[str], args: list[str], out: Path, first: str) -> list[str]:
+    """Run to the end; run again and SIGKILL it (its whole process group) as soon as checkpoint ``first`` is
+    complete; resume that run with --resume latest. Returns the names of saved tensors that differ at all."""
+    env = {**os.environ, 'ACCELERATE_USE_CPU': '1', 'OMP_NUM_THREADS': '1'}
+    full = subprocess.run([*launch, *args, '--output-dir', str(out / 'full')], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert full.returncode == 0, full.stderr[-5000:]
+    killed = subprocess.Popen([*launch, *args, '--output-dir', str(out / 'part')], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (out / 'part' / 'checkpoints' / first).is_dir():
+            assert killed.poll() is None, 'the run ended before its first checkpoint'
+            time.sleep(0.005)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+    assert not (out / 'part' / 'results.json').exists()  # killed mid-run, not after the end
+    resumed = subprocess.run([*launch, *args, '--output-dir', str(out / 'part'), '--resume', 'latest'], env=env,
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    assert 'resumed from' in resumed.stdout
+    a = load_file(str(out / 'full' / 'model' / 'model.safetensors'))
+    b = load_file(str(out / 'part' / 'model' / 'model.safetensors'))
+    assert a.keys() == b.keys()
+    history = [json.loads((out / run / 'results.json').read_text())['train_loss'] for run in ('full', 'part')]
+    assert history[0] == history[1]  # the loss of every update, the ones before the kill included
+    return [key for key in a if not torch.equal(a[key], b[key])]
+
+
+# the defaults (augmentation, shuffling) plus every other random draw: Mixup/CutMix, dropout, drop-path, EMA
+RANDOM_EVERYTHING = ['--model-kwargs', 'channels=[32,32,64,64]', 'stem_width=32', 'layers=[1,1,1,1]',
+                     'num_freq_groups=16', 'drop_rate=0.2', 'drop_path_rate=0.1', '--model', 'resnet18_fdconv',
+                     '--no-pretrained', '--img-size', '32', '--batch-size', '32', '--epochs', '3', '--max-steps', '12',
+                     '--checkpoint-every', '2', '--mixup', '0.2', '--cutmix', '1.0', '--model-ema', '--seed', '0']
+
+
+def test_run_killed_after_a_checkpoint_resumes_bit_identical(small_digits, tmp_path):
+    """SIGKILL at an arbitrary point after a checkpoint; the resumed run ends with exactly the weights (BatchNorm
+    statistics and EMA included) of a run never interrupted, across epoch boundaries, with loader workers."""
+    differ = kill_and_resume_equals_uninterrupted(
+        [sys.executable, str(ROOT / 'scripts' / 'finetune.py')],
+        [*RANDOM_EVERYTHING, '--dataset', small_digits, '--workers', '2'], tmp_path, 'step_2')
+    assert differ == []
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_after_a_checkpoint_resumes_bit_identical(small_digits, tmp_path):
+    launch = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+              '--num_machines', '1', '--main_process_port', '0', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+              str(ROOT / 'scripts' / 'finetune.py')]
+    differ = kill_and_resume_equals_uninterrupted(
+        launch, [*RANDOM_EVERYTHING, '--dataset', small_digits, '--batch-size', '16', '--workers', '1',
+                 '--expect-num-processes', '2'], tmp_path, 'step_2')
+    assert differ == []
+
+
+def test_augmented_rows_depend_on_seed_epoch_and_index_only(small_digits):
+    """What the loader's workers make: the same row in the same epoch is the same tensor however it is reached;
+    another epoch draws anew; the caller's random streams are not touched."""
+    import datasets
+    from timm.data import create_transform
+
+    from fdconv_zoo.finetune import ImageRows
+    ds = datasets.load_from_disk(small_digits)['train']
+    rows = ImageRows(ds, 'image', 'label', create_transform(32, is_training=True), seed=0)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = rows[5][0]
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.rand(100)  # whatever else was drawn in between
+    assert torch.equal(rows[5][0], a)
+    rows.set_epoch(1)
+    assert not torch.equal(rows[5][0], a)
 
 
 def test_bf16_step_and_dataset_without_validation_split(tmp_path):

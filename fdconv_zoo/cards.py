@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .atomic import write_text
+
 MANIFEST_FIELDS = ('architecture', 'tag', 'hub_repo', 'source_checkpoint', 'recipe', 'metrics', 'params',
                    'gflops', 'throughput', 'license', 'sha256')
 METRIC_FIELDS = ('dataset', 'split', 'name', 'value')
@@ -88,9 +90,4 @@ def write_card(entry_path: str | os.PathLike, out_root: str | os.PathLike = 'mod
     """model_cards/<repo>/README.md from one manifest entry (written atomically)."""
     entry = load_manifest_entry(entry_path)
     target = Path(out_root) / entry['hub_repo'].split('/')[-1] / 'README.md'
-    target.parent.mkdir(parents=True, exist_ok=True)
-    text = model_card(Path(entry_path).parent, entry['hub_repo'], entry=entry)
-    tmp = target.with_suffix('.md.tmp')
-    tmp.write_text(text)
-    tmp.replace(target)
-    return target
+    return write_text(target, model_card(Path(entry_path).parent, entry['hub_repo'], entry=entry))

@@ -12,6 +12,7 @@ import torch
 
 from . import models as _models  # noqa: F401  registers the FDConv families with timm
 from .benchmark import count_flops, count_params, liven_
+from .hub import EXPECTED_ERRORS, one_line
 from .models._fdconv import fdconv_checkpoint_filter
 
 
@@ -64,17 +65,10 @@ def list_models(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Dense vs FDConv: eval latency per batch size, a training step with peak memory, per-part breakdown."""
-    import json
-    import os
-    import tempfile
-
+    from .atomic import write_json
     from .benchmark import compare, dense_counterpart, part_breakdown
-    try:
-        for name in args.models:
-            dense_counterpart(name)
-    except ValueError as e:
-        print(f"fdconv-zoo bench: {e}", file=sys.stderr)
-        return 1
+    for name in args.models:
+        dense_counterpart(name)  # a dense name is refused before anything runs
     rows = []
     for name in args.models:
         for bs in args.batch_sizes:
@@ -95,11 +89,7 @@ def bench(args: argparse.Namespace) -> int:
             print(f"{name} eval batch {args.batch_sizes[-1]} parts (ms): "
                   + ', '.join(f"{k.removeprefix('fdconv.')} {v:.1f}" for k, v in parts.items()), flush=True)
     if args.out:
-        directory = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile('w', dir=directory, delete=False, suffix='.tmp') as f:
-            json.dump(result, f, indent=1)
-        os.replace(f.name, args.out)
+        write_json(args.out, result)
         print(f"wrote {args.out}")
     return 0
 
@@ -115,19 +105,6 @@ def _bench_line(r) -> str:
     return line
 
 
-def _hub_command(fn):
-    """Run a Hub operation; a HubError is one line on stderr and exit code 1, never a traceback."""
-    def run(args: argparse.Namespace) -> int:
-        from .hub import HubError
-        try:
-            return fn(args)
-        except (HubError, ValueError) as e:
-            print(f"fdconv-zoo {args.command}: {e}", file=sys.stderr)
-            return 1
-    return run
-
-
-@_hub_command
 def convert_cmd(args: argparse.Namespace) -> int:
     from .hub import convert
     out = convert(args.source, args.out_dir, arch=args.arch)
@@ -135,7 +112,6 @@ def convert_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-@_hub_command
 def push_cmd(args: argparse.Namespace) -> int:
     from .hub import push
     card = None
@@ -147,14 +123,12 @@ def push_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-@_hub_command
 def pull_cmd(args: argparse.Namespace) -> int:
     from .hub import pull
     print(pull(args.repo_id, args.out_dir, revision=args.revision, org=args.org))
     return 0
 
 
-@_hub_command
 def info_cmd(args: argparse.Namespace) -> int:
     import json
 
@@ -163,7 +137,6 @@ def info_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-@_hub_command
 def card_cmd(args: argparse.Namespace) -> int:
     from .cards import write_card
     for entry in args.entries:
@@ -173,6 +146,7 @@ def card_cmd(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='fdconv-zoo', description=__doc__)
+    parser.add_argument('--debug', action='store_true', help='show the traceback of an error')
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('demo', help='convert a dense model to FDConv and show that outputs match, and the cost')
     p.add_argument('--model', default='resnet50_fdconv', help='registered FDConv architecture')
@@ -214,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--revision')
     p.add_argument('--org', help=org_help)
     p.set_defaults(func=pull_cmd)
-    p = sub.add_parser('info', help='what a checkpoint (folder or Hub repo) holds')
+    p = sub.add_parser('info', help='what a checkpoint (folder, .safetensors file or Hub repo) holds')
     p.add_argument('path_or_repo')
     p.add_argument('--revision')
     p.set_defaults(func=info_cmd)
@@ -227,7 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except EXPECTED_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"fdconv-zoo {args.command}: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == '__main__':

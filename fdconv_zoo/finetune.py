@@ -29,6 +29,8 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from . import models as _models  # noqa: F401  registers the FDConv families
+from .atomic import atomic_dir, write_json
+from .hub import EXPECTED_ERRORS, describe_origin, one_line
 from .layers import FDConv2d, FDLinear
 
 _logger = logging.getLogger('fdconv_zoo.finetune')
@@ -290,18 +292,12 @@ def save_checkpoint(accelerator, root: Path, step: int, epoch: int, batches_in_e
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        (tmp / 'trainer_state.json').write_text(json.dumps(
-            {'step': step, 'epoch': epoch, 'batches_in_epoch': batches_in_epoch, 'history': history}))
+        write_json(tmp / 'trainer_state.json',
+                   {'step': step, 'epoch': epoch, 'batches_in_epoch': batches_in_epoch, 'history': history})
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     accelerator.wait_for_everyone()
     return final
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + '.tmp')
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -427,8 +423,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         export = (ema.module if ema is not None else accelerator.unwrap_model(model)).float()
-        _export(export, out / 'model', names, data_config, results)
-        _write_json(out / 'results.json', results)
+        _export(export, out / 'model', names, data_config, results, args)
+        write_json(out / 'results.json', results)
         if args.push_to_hub:
             from .hub import push
             push(out / 'model', args.hub_repo_id or f"{args.model.split('.')[0]}-finetuned")
@@ -436,15 +432,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _export(model: nn.Module, folder: Path, names: list[str], data_config: dict, results: dict) -> None:
-    """save_for_hf (model.safetensors + config.json with label names and the data config used), atomically."""
-    tmp = folder.with_name(folder.name + '.tmp')
-    shutil.rmtree(tmp, ignore_errors=True)
-    timm.models.save_for_hf(model, tmp, model_config={'label_names': names}, safe_serialization=True,
-                            data_config=data_config)
-    _write_json(tmp / 'results.json', {k: v for k, v in results.items() if k != 'train_loss'})
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+def _export(model: nn.Module, folder: Path, names: list[str], data_config: dict, results: dict,
+            args: argparse.Namespace) -> None:
+    """save_for_hf (model.safetensors + config.json with label names, the data config used and where the
+    weights came from), atomically."""
+    if args.pretrained:
+        describe_origin(model, f"fine-tuned with fdconv_zoo.finetune from {args.model}")
+    else:
+        describe_origin(model, f"trained with fdconv_zoo.finetune from random initialisation ({args.model} "
+                               f"architecture, no pretrained weights)", derived=False)
+    with atomic_dir(folder, replace=True) as tmp:
+        timm.models.save_for_hf(model, tmp, model_config={'label_names': names}, safe_serialization=True,
+                                data_config=data_config)
+        write_json(tmp / 'results.json', {k: v for k, v in results.items() if k != 'train_loss'})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         results = train(args)
-    except ValueError as e:
-        print(f"finetune: {e}", file=sys.stderr)
+    except EXPECTED_ERRORS as e:
+        print(f"finetune: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"top1 {results['top1']:.2f} top5 {results['top5']:.2f} loss {results['loss']:.4f} "
           f"({results['steps']} updates, {time.time() - start:.0f} s)")

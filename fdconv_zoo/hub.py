@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,12 +18,14 @@ from typing import Any
 
 import timm
 import torch
-from safetensors import SafetensorError, safe_open
+from huggingface_hub.errors import EntryNotFoundError
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import models as _models  # noqa: F401  registers the FDConv families
+from .atomic import atomic_dir
 from .layers.reference import check_keys_and_shapes
-from .models._fdconv import fdconv_checkpoint_filter
+from .models._fdconv import FDCONV_PAPER, fdconv_checkpoint_filter
 
 ORG_ENV = 'FDCONV_ZOO_ORG'
 DEFAULT_ORG = 'fdconv-zoo'
@@ -32,6 +34,19 @@ WEIGHTS, CONFIG, CARD = 'model.safetensors', 'config.json', 'README.md'
 
 class HubError(RuntimeError):
     """A checkpoint or Hub operation failed; the message names the repo, file or key."""
+
+
+# what bad input raises (a bad option or config, a missing or unreadable file, an unreachable Hub, a checkpoint
+# larger than memory): the command-line entries report these in one line; anything else is a bug and keeps its
+# traceback
+EXPECTED_ERRORS = (HubError, ValueError, TypeError, KeyError, OSError, MemoryError, SafetensorError,
+                   EntryNotFoundError)
+
+
+def one_line(e: BaseException) -> str:
+    """An expected error as one line (a KeyError's message without its quotes)."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return ' '.join(text.split())
 
 
 def hub_org(org: str | None = None) -> str:
@@ -45,20 +60,12 @@ def full_repo_id(repo: str, org: str | None = None) -> str:
 
 
 @contextmanager
-def _atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out_dir`` that replaces it only if the block succeeds."""
-    out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+def _output_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     try:
-        yield tmp
-        if out.exists():
-            if any(out.iterdir()):
-                raise HubError(f"output folder {out} exists and is not empty")
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(out_dir) as tmp:
+            yield tmp
+    except FileExistsError as e:
+        raise HubError(str(e)) from None
 
 
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
@@ -85,16 +92,58 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise HubError(f"{path} not found") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise HubError(f"{path} is not a readable safetensors file ({e})") from None
+    except MemoryError as e:
+        raise HubError(f"{path} ({os.path.getsize(path) / 2**30:.1f} GiB) does not fit in memory ({e})") from None
+
+
+MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
+
+
+def read_header(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The tensors a safetensors file declares (name -> dtype, shape), read from its JSON header alone: no
+    mapping of the data, so it works for files larger than memory. Checked against the file's size."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, 'rb') as f:
+            (length,) = struct.unpack('<Q', f.read(8)) if size >= 8 else (-1,)
+            if not 0 < length <= min(MAX_HEADER, size - 8):
+                raise HubError(f"{path} is not a safetensors file (header length {length}, file size {size})")
+            header = json.loads(f.read(length))
+    except FileNotFoundError:
+        raise HubError(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HubError(f"{path} is not a readable safetensors file ({e})") from None
+    header.pop('__metadata__', None)
+    data = size - 8 - length
+    for name, entry in header.items():
+        ok = (isinstance(entry, dict) and isinstance(entry.get('shape'), list)
+              and all(isinstance(n, int) and n >= 0 for n in entry['shape'])
+              and isinstance(entry.get('data_offsets'), list) and len(entry['data_offsets']) == 2
+              and 0 <= entry['data_offsets'][0] <= entry['data_offsets'][1] <= data)
+        if not ok:
+            raise HubError(f"{path}: tensor {name!r} has a malformed header entry {entry!r} (data is {data} bytes)")
+    return header
+
+
+def build_model(config: dict[str, Any], source: Path, **kwargs: Any) -> torch.nn.Module:
+    """The model a checkpoint's config.json describes; model_args that do not build it are an error naming the
+    file (and, from the layers, the option)."""
+    model_args = {'num_classes': config.get('num_classes', 1000), **config.get('model_args', {}), **kwargs}
+    try:
+        return timm.create_model(config['architecture'], pretrained_cfg_overlay=config.get('pretrained_cfg'),
+                                 **model_args)
+    except (TypeError, ValueError) as e:
+        raise HubError(f"{source}: model_args {config.get('model_args', {})} do not build "
+                       f"{config['architecture']}: {e}") from None
 
 
 def load_checkpoint(folder: str | os.PathLike, **kwargs: Any) -> torch.nn.Module:
     """Build the model a checkpoint folder describes and load its weights, checking every key and shape."""
     folder = Path(folder)
     config = read_config(folder)
+    model = build_model(config, folder / CONFIG, **kwargs)
     state_dict = read_weights(folder / WEIGHTS)
-    model_args = {'num_classes': config.get('num_classes', 1000), **config.get('model_args', {}), **kwargs}
-    model = timm.create_model(config['architecture'], pretrained_cfg_overlay=config.get('pretrained_cfg'),
-                              **model_args)
     _load_strict(model, state_dict, folder / WEIGHTS)
     return model
 
@@ -128,8 +177,10 @@ def _dense_source(source: str, arch: str | None) -> tuple[dict[str, torch.Tensor
         return state_dict, arch, state_dict[head].shape[0], {}
     try:
         dense = timm.create_model(source, pretrained=True)
-    except RuntimeError as e:
+    except RuntimeError as e:  # timm: unknown model or tag, no weights
         raise HubError(f"could not load dense checkpoint {source!r}: {e}") from None
+    except (OSError, EntryNotFoundError) as e:
+        raise _hub_failure(f"dense checkpoint {source!r}", e) from None
     arch = arch or f"{dense.pretrained_cfg.get('architecture') or source.split('.')[0]}_fdconv"
     _check_arch(arch)
     return dense.state_dict(), arch, dense.num_classes, dict(dense.pretrained_cfg)
@@ -138,6 +189,18 @@ def _dense_source(source: str, arch: str | None) -> tuple[dict[str, torch.Tensor
 def _check_arch(arch: str) -> None:
     if arch not in timm.list_models('*_fdconv'):
         raise HubError(f"{arch!r} is not an fdconv_zoo architecture (one of {timm.list_models('*_fdconv')})")
+
+
+def describe_origin(model: torch.nn.Module, note: str, derived: bool = True) -> None:
+    """Make the provenance that save_for_hf will write say what happened to these weights (``note``) instead of
+    naming the tag the model was created with (its name, Hub id and notes belong to other weights). Weights
+    ``derived`` from that tag's keep its license; weights trained from scratch do not."""
+    dropped = {'tag', 'hf_hub_id', 'url', 'file', 'notes', 'origin_url'} | (set() if derived else {'license'})
+    cfg = {k: v for k, v in dict(model.pretrained_cfg).items() if k not in dropped}
+    cfg['notes'] = (note,)
+    if not derived:
+        cfg['paper_ids'] = FDCONV_PAPER
+    model.pretrained_cfg = cfg
 
 
 def convert(source: str, out_dir: str | os.PathLike, arch: str | None = None, **fdconv_options: Any) -> Path:
@@ -153,62 +216,71 @@ def convert(source: str, out_dir: str | os.PathLike, arch: str | None = None, **
     data_keys = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode', 'license', 'test_input_size',
                  'test_crop_pct', 'label_names', 'label_descriptions')
     cfg = {k: v for k, v in source_cfg.items() if k in data_keys and v is not None}
-    cfg['notes'] = (f'FDConv layers converted from the dense checkpoint {source}; equal to it at step 0.',)
-    with _atomic_dir(out_dir) as tmp:
+    if source_cfg.get('paper_ids'):
+        cfg['paper_ids'] = f"{FDCONV_PAPER},{source_cfg['paper_ids']}"
+    describe_origin(model, f'FDConv layers converted from the dense checkpoint {source}; equal to it at step 0.',
+                    derived=False)  # the source's own cfg (license, data config) is what applies
+    with _output_dir(out_dir) as tmp:
         timm.models.save_for_hf(model, tmp, model_config={'pretrained_cfg': cfg}, model_args=dict(fdconv_options),
                                 safe_serialization=True)
     return Path(out_dir)
 
 
 def info(path_or_repo: str, revision: str | None = None) -> dict[str, Any]:
-    """What a checkpoint holds: architecture, classes, parameter count, FDConv layers and their options,
-    dtypes, size; from a local folder or a Hub repo (only config.json and the safetensors header are read)."""
-    folder = Path(path_or_repo)
-    if not folder.is_dir():
-        folder = Path(_download(path_or_repo, [CONFIG, WEIGHTS], revision))
-    config = read_config(folder)
-    weights = folder / WEIGHTS
-    try:
-        with safe_open(str(weights), 'pt') as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
-    except FileNotFoundError:
-        raise HubError(f"{weights} not found") from None
-    except (SafetensorError, OSError) as e:
-        raise HubError(f"{weights} is not a readable safetensors file ({e})") from None
+    """What a checkpoint holds: architecture, classes, parameters, FDConv layers and their options, dtypes,
+    size; from a checkpoint folder, a .safetensors file (with the config.json beside it, if any) or a Hub
+    repo. Only config.json and the safetensors header are read."""
+    path = Path(path_or_repo)
+    if path.is_file():
+        weights, folder = path, path.parent
+        config = read_config(folder) if (folder / CONFIG).is_file() else None
+    else:
+        folder = path if path.is_dir() else Path(_download(path_or_repo, [CONFIG, WEIGHTS], revision))
+        weights, config = folder / WEIGHTS, read_config(folder)
+    header = read_header(weights)
+    shapes = {k: torch.Size(v['shape']) for k, v in header.items()}
+    if config is not None:
+        with torch.device('meta'):  # parameter names without allocating them
+            params = {n for n, _ in build_model(config, folder / CONFIG).named_parameters()}
+    else:  # no config: everything but the usual buffers (BatchNorm statistics, FDConv's group maps)
+        buffers = ('.running_mean', '.running_var', '.num_batches_tracked', '.group_of_bin')
+        params = {k for k in shapes if not k.endswith(buffers)}
     layers = sorted({k[:-len('.fdw.spectrum')] for k in shapes if k.endswith('.fdw.spectrum')})
-    model_args = {'num_classes': config.get('num_classes', 1000), **config.get('model_args', {})}
-    with torch.device('meta'):  # parameter names without allocating them
-        params = {n for n, _ in timm.create_model(config['architecture'], **model_args).named_parameters()}
-    n_params = sum(int(torch.Size(s).numel()) for k, s in shapes.items() if k in params)
+    config = config or {}
     return {
-        'path': str(folder), 'architecture': config['architecture'], 'num_classes': config.get('num_classes'),
-        'label_names': config.get('label_names'), 'model_args': config.get('model_args', {}),
-        'params': n_params, 'fdconv_layers': len(layers), 'dtypes': dtypes, 'bytes': weights.stat().st_size,
+        'path': str(path if path.is_file() else folder), 'architecture': config.get('architecture'),
+        'num_classes': config.get('num_classes'), 'label_names': config.get('label_names'),
+        'model_args': config.get('model_args', {}), 'tensors': len(shapes),
+        'params': sum(shapes[k].numel() for k in shapes if k in params), 'fdconv_layers': len(layers),
+        'dtypes': sorted({v['dtype'] for v in header.values()}), 'bytes': weights.stat().st_size,
+        'notes': config.get('pretrained_cfg', {}).get('notes'),
     }
+
+
+def _hub_failure(what: str, e: BaseException, revision: str | None = None) -> HubError:
+    """One line for a Hub access that failed: offline mode, unreachable endpoint, missing repo/revision/file."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    if isinstance(e, RepositoryNotFoundError):
+        return HubError(f"{what} not found (or not accessible with your token)")
+    if isinstance(e, RevisionNotFoundError):
+        return HubError(f"revision {revision!r} not found for {what}")
+    if constants.HF_HUB_OFFLINE:
+        return HubError(f"{what} is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set")
+    if isinstance(e, LocalEntryNotFoundError):  # no connection and nothing cached
+        return HubError(f"{what} is not in the local cache and the Hub ({constants.ENDPOINT}) cannot be reached; "
+                        f"HF_HUB_OFFLINE=1 uses the cache only, HF_ENDPOINT sets the Hub address")
+    if isinstance(e, EntryNotFoundError):
+        return HubError(f"file missing for {what}: {str(e).splitlines()[0]}")
+    return HubError(f"could not reach the Hub ({constants.ENDPOINT}) for {what}: {e}")
 
 
 def _download(repo_id: str, files: list[str], revision: str | None, local_dir: str | None = None) -> str:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
     try:
         return snapshot_download(repo_id, revision=revision, allow_patterns=files, local_dir=local_dir)
-    except RepositoryNotFoundError:
-        raise HubError(f"Hub repo {repo_id} not found (or not accessible with your token)") from None
-    except RevisionNotFoundError:
-        raise HubError(f"revision {revision!r} not found in Hub repo {repo_id}") from None
-    except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError) no connection and nothing cached
-        raise HubError(f"Hub repo {repo_id} is not in the local cache and the Hub cannot be reached "
-                       f"({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')})") from None
-    except EntryNotFoundError as e:
-        raise HubError(f"file missing in Hub repo {repo_id}: {str(e).splitlines()[0]}") from None
-    except OSError as e:  # connection refused, DNS, timeouts
-        raise HubError(f"could not reach the Hub for {repo_id}: {e}") from None
+    except (OSError, EntryNotFoundError) as e:
+        raise _hub_failure(f"Hub repo {repo_id}", e, revision) from None
 
 
 def pull(repo_id: str, out_dir: str | os.PathLike | None = None, revision: str | None = None,
@@ -221,7 +293,7 @@ def pull(repo_id: str, out_dir: str | os.PathLike | None = None, revision: str |
         folder = Path(_download(repo_id, files, revision))
         load_checkpoint(folder)
         return folder
-    with _atomic_dir(out_dir) as tmp:
+    with _output_dir(out_dir) as tmp:
         _download(repo_id, files, revision, local_dir=str(tmp))
         shutil.rmtree(tmp / '.cache', ignore_errors=True)
         load_checkpoint(tmp)

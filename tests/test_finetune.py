@@ -233,6 +233,12 @@ def test_image_folders_with_timm_training_parts_and_push(hub, tmp_path):
     assert all(np.isfinite(h['loss']) for h in results['train_loss'])
     config = json.loads((tmp_path / 'run' / 'model' / 'config.json').read_text())
     assert config['label_names'][0] == 'digit_0'
+    # --no-pretrained: no tag, Hub id or license of weights it never saw, and a note that says what happened
+    cfg = config['pretrained_cfg']
+    assert not {'tag', 'hf_hub_id', 'license'} & set(cfg) and 'random initialisation' in cfg['notes'][0]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / 'run' / 'model').iterdir()} == {0o666 & ~umask}
     pushed = hub.state.repos['zoo-test/digits-folder'].files
     assert {'model.safetensors', 'config.json', 'README.md'} <= set(pushed)
     assert 'top1' in pushed['README.md'].decode()

@@ -175,3 +175,97 @@ def test_cli_convert_local_file_needs_and_checks_arch(tmp_path, dense_r18, capsy
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert ((model(x) - dense_r18(x)).abs().max() / dense_r18(x).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize('option,value', [('num_freq_groups', 'many'), ('num_freq_groups', 2.5),
+                                          ('att_multi', 'x'), ('reduction', -1), ('fbm_cutoffs', [8, 4]),
+                                          ('ksm_local', 1), ('min_hidden', 0)])
+def test_bad_model_args_in_config_are_one_error_naming_the_option(converted, tmp_path, capsys, option, value):
+    """config.json's model_args enter the constructors unchecked by timm: each bad value is one line naming the
+    file, the option and the value, from `info`, load_checkpoint and create_model('local-dir:...') alike."""
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    config = json.loads((converted / 'config.json').read_text())
+    config['model_args'][option] = value
+    (bad / 'config.json').write_text(json.dumps(config))
+    (bad / 'model.safetensors').symlink_to(converted / 'model.safetensors')
+    assert cli(['info', str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'Traceback' not in err
+    assert str(bad / 'config.json') in err and f"{option}={value!r} is invalid" in err
+    with pytest.raises(HubError, match=f'{option}='):
+        load_checkpoint(bad)
+    with pytest.raises(ValueError, match=f"FDConv option {option}="):
+        timm.create_model(f'local-dir:{bad}', pretrained=True)
+
+
+def test_info_on_a_safetensors_file_reads_its_header(converted, tmp_path, capsys):
+    """A checkpoint file, with the config beside it or alone; a file larger than memory is never mapped."""
+    beside = info(str(converted / 'model.safetensors'))
+    folder = info(str(converted))
+    assert beside['params'] == folder['params'] and beside['architecture'] == 'resnet18_fdconv'
+    alone = tmp_path / 'alone.safetensors'
+    alone.write_bytes((converted / 'model.safetensors').read_bytes())
+    assert cli(['info', str(alone)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report['architecture'] is None and report['fdconv_layers'] == 16
+    assert report['params'] == folder['params'] and report['tensors'] == len(timm.create_model(
+        'resnet18_fdconv').state_dict())
+    huge = tmp_path / 'huge.safetensors'  # a consistent 64 GiB file, sparse on disk
+    header = json.dumps({'w': {'dtype': 'F32', 'shape': [2 ** 34], 'data_offsets': [0, 2 ** 36]}}).encode()
+    with open(huge, 'wb') as f:
+        f.write(len(header).to_bytes(8, 'little') + header)
+        f.truncate(8 + len(header) + 2 ** 36)
+    assert info(str(huge))['params'] == 2 ** 34
+    for junk in (b'', b'\xff' * 8 + b'{}', (10).to_bytes(8, 'little') + b'not json!!'):
+        alone.write_bytes(junk)
+        assert cli(['info', str(alone)]) == 1
+        assert f'{alone} is not a' in capsys.readouterr().err
+
+
+def test_checkpoint_larger_than_memory_is_one_line(converted, tmp_path):
+    """Loading (not just inspecting) a file that cannot be mapped: address space capped in a child process."""
+    huge = tmp_path / 'huge'
+    huge.mkdir()
+    (huge / 'config.json').write_text((converted / 'config.json').read_text())
+    header = json.dumps({'w': {'dtype': 'F32', 'shape': [2 ** 34], 'data_offsets': [0, 2 ** 36]}}).encode()
+    with open(huge / 'model.safetensors', 'wb') as f:
+        f.write(len(header).to_bytes(8, 'little') + header)
+        f.truncate(8 + len(header) + 2 ** 36)
+    code = ("import resource, sys; from fdconv_zoo.cli import main; "
+            "resource.setrlimit(resource.RLIMIT_AS, (32 * 2 ** 30, 32 * 2 ** 30)); "
+            f"sys.exit(main(['push', {str(huge)!r}, 'zoo-test/huge']))")  # push loads it before uploading
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.count('\n') == 1, proc.stderr[-3000:]
+    assert 'model.safetensors (64.0 GiB) does not fit in memory' in proc.stderr
+
+
+def test_offline_mode_fails_fast_and_says_so(tmp_path):
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')}
+    for cmd in (['convert', 'resnet18.a1_in1k', str(tmp_path / 'o')], ['pull', 'zoo-test/x', str(tmp_path / 'o')],
+                ['info', 'zoo-test/x']):
+        proc = subprocess.run([sys.executable, '-m', 'fdconv_zoo.cli', *cmd], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 1 and proc.stderr.count('\n') == 1, proc.stderr
+        assert 'HF_HUB_OFFLINE' in proc.stderr and 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'o').exists()
+    proc = subprocess.run([sys.executable, '-m', 'fdconv_zoo.cli', '--debug', 'info', 'zoo-test/x'], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and 'Traceback' in proc.stderr
+
+
+def test_outputs_respect_the_umask(converted, tmp_path):
+    """Written under a private temporary name, published with the modes any new file gets."""
+    old = os.umask(0o022)
+    try:
+        out = convert('resnet18.a1_in1k', tmp_path / 'pub')
+        assert (out.stat().st_mode & 0o777) == 0o755
+        assert {(p.stat().st_mode & 0o777) for p in out.iterdir()} == {0o644}
+        os.umask(0o077)
+        private = convert('resnet18.a1_in1k', tmp_path / 'private')
+        assert {(p.stat().st_mode & 0o777) for p in private.iterdir()} == {0o600}
+    finally:
+        os.umask(old)
+    config = json.loads((out / 'config.json').read_text())['pretrained_cfg']
+    assert 'tag' not in config and config['notes'] == [
+        'FDConv layers converted from the dense checkpoint resnet18.a1_in1k; equal to it at step 0.']

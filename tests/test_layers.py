@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -415,3 +417,21 @@ def test_repr_and_module_log_quiet(caplog):
         layer = FDConv2d(24, 24, 3, padding=1)
     assert 'num_freq_groups=64' in repr(layer)
     assert not caplog.records
+
+
+@pytest.mark.parametrize('kwargs,named', [
+    (dict(num_freq_groups='many'), "num_freq_groups='many'"), (dict(num_freq_groups=2.5), 'num_freq_groups=2.5'),
+    (dict(num_freq_groups=True), 'num_freq_groups=True'), (dict(att_multi=1.0), 'att_multi=1.0'),
+    (dict(att_multi=float('nan')), 'att_multi=nan'), (dict(temperature=0), 'temperature=0'),
+    (dict(reduction=-1), 'reduction=-1'), (dict(min_hidden=0), 'min_hidden=0'), (dict(ksm_local='yes'), 'ksm_local'),
+    (dict(fbm='on'), "fbm='on'"), (dict(fbm_cutoffs=()), 'fbm_cutoffs=()'), (dict(fbm_cutoffs=[2, 2]), 'fbm_cutoffs'),
+    (dict(stride=0), 'stride'), (dict(padding=-1), 'padding'), (dict(kernel_size=(3, 'x')), 'kernel_size'),
+])
+def test_every_option_is_checked_where_it_enters(kwargs, named):
+    """One ValueError naming the option and its value, from the layer and from a model constructor alike."""
+    args = {'kernel_size': 3, **kwargs}
+    with pytest.raises(ValueError, match=re.escape(named)):
+        FDConv2d(16, 16, **args)
+    if 'kernel_size' not in kwargs and not {'stride', 'padding'} & set(kwargs):
+        with pytest.raises(ValueError, match=re.escape(named)):
+            timm.create_model('resnet18_fdconv', **kwargs)

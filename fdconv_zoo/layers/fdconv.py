@@ -11,6 +11,8 @@ every device; the operator picks its implementation and, in training, keeps only
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,12 +28,51 @@ from .reference import infer_layer_shape, load_reference_layer
 _Size2 = int | tuple[int, int]
 
 
-def _pair(value: _Size2, name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    if len(value) != 2:
-        raise ValueError(f"{name} must be an int or a pair, got {value!r}")
-    return int(value[0]), int(value[1])
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_cutoffs(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_int(c) and c >= 1 for c in value)
+            and list(value) == sorted(set(value)))
+
+
+# what each FDConv option accepts: a test, and the words for it in the error
+OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    'num_freq_groups': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'att_multi': (lambda v: _is_number(v) and v > 1, 'a number > 1 (so that the attention can be the identity)'),
+    'temperature': (lambda v: _is_number(v) and v > 0, 'a number > 0'),
+    'kernel_temperature': (lambda v: _is_number(v) and v > 0, 'a number > 0'),
+    'reduction': (lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
+    'min_hidden': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'ksm_local': (lambda v: isinstance(v, bool), 'true or false'),
+    'fbm': (lambda v: v is None or isinstance(v, bool), 'true, false or null (on for 3x3 kernels)'),
+    'fbm_cutoffs': (_is_cutoffs, 'a non-empty increasing list of integers >= 1'),
+    'in_channels': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'out_channels': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'groups': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'bias': (lambda v: isinstance(v, bool), 'true or false'),
+}
+
+
+def check_options(**options: Any) -> None:
+    """Type and range of FDConv constructor options, where they enter (a layer, a model's kwargs, a
+    config.json's model_args): one error naming the option, its value and what it accepts."""
+    for name, value in options.items():
+        test, allowed = OPTION_RULES[name]
+        if not test(value):
+            raise ValueError(f"FDConv option {name}={value!r} is invalid: expected {allowed}")
+
+
+def _pair(value: _Size2, name: str, minimum: int = 1) -> tuple[int, int]:
+    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
+    if len(pair) != 2 or not all(_is_int(v) and v >= minimum for v in pair):
+        raise ValueError(f"{name} must be an integer >= {minimum} or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
 
 
 class _FrequencyDynamicLayer(nn.Module):
@@ -56,15 +97,13 @@ class _FrequencyDynamicLayer(nn.Module):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if in_channels <= 0 or out_channels <= 0:
-            raise ValueError(f"channels must be positive, got in={in_channels}, out={out_channels}")
-        if groups <= 0 or in_channels % groups or out_channels % groups:
+        check_options(in_channels=in_channels, out_channels=out_channels, groups=groups, bias=bias,
+                      num_freq_groups=num_freq_groups, att_multi=att_multi, temperature=temperature,
+                      kernel_temperature=kernel_temperature, reduction=reduction, min_hidden=min_hidden,
+                      ksm_local=ksm_local)
+        if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible "
                              f"by groups={groups}")
-        if att_multi <= 1.0:
-            raise ValueError(f"att_multi must be > 1 so that the attention can be the identity, got {att_multi}")
-        if temperature <= 0 or kernel_temperature <= 0:
-            raise ValueError(f"temperatures must be positive, got {temperature} and {kernel_temperature}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.groups = groups
@@ -176,6 +215,7 @@ class FDConv2d(_FrequencyDynamicLayer):
             fbm: bool | None = None,
             fbm_cutoffs: tuple[int, ...] = (2, 4, 8),
     ):
+        check_options(fbm=fbm, fbm_cutoffs=fbm_cutoffs)
         kh, kw = _pair(kernel_size, 'kernel_size')
         if kh != kw:
             raise ValueError(f"FDConv2d needs a square kernel, got kernel_size={kernel_size!r}")
@@ -192,7 +232,7 @@ class FDConv2d(_FrequencyDynamicLayer):
             kernel_temperature, reduction, min_hidden, ksm_local, device=device, dtype=dtype)
         self.kernel_size = (kh, kh)
         self.stride = _pair(stride, 'stride')
-        self.padding = padding if isinstance(padding, str) else _pair(padding, 'padding')
+        self.padding = padding if isinstance(padding, str) else _pair(padding, 'padding', minimum=0)
         self.dilation = _pair(dilation, 'dilation')
         self.padding_mode = padding_mode
         use_fbm = kh == 3 if fbm is None else fbm

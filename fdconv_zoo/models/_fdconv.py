@@ -11,6 +11,7 @@ import torch.nn as nn
 from timm.models import get_pretrained_cfg
 
 from ..layers import FDConv2d, FDLinear
+from ..layers.fdconv import check_options
 from ..layers.reference import reference_to_native
 
 FDCONV_PAPER = 'arXiv:2503.18783'
@@ -30,6 +31,7 @@ def fdconv_options(**overrides: Any) -> dict[str, Any]:
     unknown = sorted(set(overrides) - set(FDCONV_OPTIONS))
     if unknown:
         raise TypeError(f"unknown FDConv option(s): {unknown}")
+    check_options(**overrides)  # before any layer is built: the error names the option as the config spells it
     options = {**FDCONV_OPTIONS, **overrides}
     options['fbm_cutoffs'] = tuple(options['fbm_cutoffs'])
     return options

@@ -190,9 +190,9 @@ def test_augmented_rows_depend_on_seed_epoch_and_index_only(small_digits):
     import datasets
     from timm.data import create_transform
 
-    from fdconv_zoo.finetune import ImageRows
+    from fdconv_zoo.finetune import image_rows
     ds = datasets.load_from_disk(small_digits)['train']
-    rows = ImageRows(ds, 'image', 'label', create_transform(32, is_training=True), seed=0)
+    rows = image_rows(ds, 'image', 'label', create_transform(32, is_training=True), seed=0)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     a = rows[5][0]

@@ -136,7 +136,7 @@ def load_splits(args: argparse.Namespace):
 
 def image_rows(ds, image: str, label: str, transform, seed: int) -> SeededRows:
     """(image tensor, label) rows, each image's augmentation drawn from its own seeded generator."""
-    return SeededRows(ds, lambda row: (transform(row[image].convert('RGB')), row[label]), seed)
+    return SeededRows(ds, lambda row, _: (transform(row[image].convert('RGB')), row[label]), seed)
 
 
 def _collate(rows):

@@ -44,8 +44,11 @@ EXPECTED_ERRORS = (HubError, ValueError, TypeError, KeyError, OSError, MemoryErr
 
 
 def one_line(e: BaseException) -> str:
-    """An expected error as one line (a KeyError's message without its quotes)."""
+    """An expected error as one line: a KeyError's message without its quotes, and of an error re-raised from a
+    DataLoader worker only the original message (not the worker's traceback)."""
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if 'Original Traceback' in text:
+        text = text.strip().splitlines()[-1].partition(': ')[2]
     return ' '.join(text.split())
 
 

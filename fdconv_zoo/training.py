@@ -108,11 +108,11 @@ def seeded_rng(*key: int) -> Iterator[None]:
 
 
 class SeededRows(torch.utils.data.Dataset):
-    """``make(row)`` of each row of a dataset, drawn inside seeded_rng(seed, epoch, index): the augmentation of
+    """``make(row, index)`` of each row of a dataset, drawn inside seeded_rng(seed, epoch, index): the augmentation of
     an example does not depend on which process or loader worker makes it, on what was prefetched, or on
     whether the run was resumed, so a resumed run sees what an uninterrupted one saw."""
 
-    def __init__(self, rows, make: Callable[[Any], Any], seed: int):
+    def __init__(self, rows, make: Callable[[Any, int], Any], seed: int):
         self.rows, self.make, self.seed = rows, make, seed
         self.epoch = 0
 
@@ -125,7 +125,7 @@ class SeededRows(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Any:
         row = self.rows[index]
         with seeded_rng(self.seed, self.epoch, index):
-            return self.make(row)
+            return self.make(row, index)
 
 
 def make_loader(rows: SeededRows, batch_size: int, shuffle: bool, workers: int, seed: int,

@@ -110,7 +110,7 @@ def test_killed_run_resumes_bit_identical(mosaics, tmp_path):
     assert differ == []
 
 
-def test_hub_style_dataset_slide_evaluation_fpn_and_frozen_stages(mosaics, tmp_path):
+def test_hub_style_dataset_slide_evaluation_fpn_and_frozen_stages(mosaics, tmp_path, hub):
     """An HF dataset (image + annotation columns, 0 = 'other' as in scene_parse_150), sliding-window evaluation,
     FPN, and --freeze-stages 2: the stem and first two stages keep their dense weights, their KSM/FBM train."""
     rng = np.random.default_rng(3)
@@ -130,7 +130,7 @@ def test_hub_style_dataset_slide_evaluation_fpn_and_frozen_stages(mosaics, tmp_p
         'layers=[1,1,1,1]', 'num_freq_groups=8', '--dataset', str(path), '--reduce-labels', '--label-names',
         str(names), '--decoder', 'fpn', '--eval-mode', 'slide', '--stride', '32', '--freeze-stages', '2',
         '--batch-size', '4', '--max-steps', '2', '--epochs', '1', '--workers', '0', '--output-dir',
-        str(tmp_path / 'run')])
+        str(tmp_path / 'run'), '--push-to-hub', '--hub-repo-id', 'zoo-test/seg-fpn'])
     results = train(args)
     assert results['pixels'] == 4 * 96 * 96 and set(results['per_class_iou']) == set(CLASSES)
     saved = load_file(str(tmp_path / 'run' / 'model' / 'model.safetensors'))
@@ -148,6 +148,10 @@ def test_hub_style_dataset_slide_evaluation_fpn_and_frozen_stages(mosaics, tmp_p
         assert not torch.equal(saved[key], init[key]), key  # trained
     meta = json.loads((tmp_path / 'run' / 'model' / 'segmentation.json').read_text())
     assert meta['label_names'] == CLASSES and 'random initialisation' in meta['notes']
+    pushed = hub.state.repos['zoo-test/seg-fpn'].files
+    assert pushed['model.safetensors'] == (tmp_path / 'run' / 'model' / 'model.safetensors').read_bytes()
+    card = pushed['README.md'].decode()
+    assert 'model-index' in card and 'mIoU' in card and 'load_segmenter' in card
 
 
 def test_bad_input_is_one_error_naming_it(mosaics, tmp_path, capsys):

@@ -61,7 +61,7 @@ def test_two_process_run_learns_the_textures_and_its_export_reloads(mosaics, tmp
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads((out / 'results.json').read_text())
     assert results['num_processes'] == 2 and results['pixels'] == 12 * 64 * 64  # each pixel once, none twice
-    assert results['mIoU'] > 45, results  # always predicting the commonest texture scores about 20
+    assert results['mIoU'] > 40, results  # always predicting the commonest texture scores 14
     losses = [h['loss'] for h in results['train_loss']]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
     with Image.open(sorted((out / 'visualizations').glob('step_*.png'))[-1]) as png:

@@ -86,6 +86,18 @@ def model_card(folder: str | os.PathLike, repo_id: str, model: torch.nn.Module |
     return str(card)
 
 
+def task_card(repo_id: str, *, task: str, library: str, metrics: dict[str, Any], dataset: str, body: str) -> str:
+    """Card of a task model (segmentation, detection): the scores in the Hub's model-index metadata, then
+    ``body`` (what it is and how to load it)."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    evals = [EvalResult(task_type=task, dataset_type=dataset, dataset_name=dataset, dataset_split='validation',
+                        metric_type=name, metric_value=round(value, 2))
+             for name, value in metrics.items() if isinstance(value, float)]
+    data = ModelCardData(library_name=library, tags=[task, 'fdconv', 'timm'], model_name=repo_id,
+                         eval_results=evals or None, pipeline_tag=task)
+    return str(ModelCard.from_template(data, template_str='---\n{{ card_data }}\n---\n\n' + body))
+
+
 def write_card(entry_path: str | os.PathLike, out_root: str | os.PathLike = 'model_cards') -> Path:
     """model_cards/<repo>/README.md from one manifest entry (written atomically)."""
     entry = load_manifest_entry(entry_path)

@@ -303,6 +303,22 @@ def pull(repo_id: str, out_dir: str | os.PathLike | None = None, revision: str |
     return Path(out_dir)
 
 
+def push_folder(folder: str | os.PathLike, repo_id: str, commit_message: str) -> str:
+    """Upload every file of a model folder (one written by a task's training script) to a Hub repo."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+    repo_id = full_repo_id(repo_id)
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    except HfHubHTTPError as e:
+        raise HubError(f"push to Hub repo {repo_id} failed: {e}") from None
+    except OSError as e:
+        raise HubError(f"could not reach the Hub to push {repo_id}: {e}") from None
+    return repo_id
+
+
 def push(folder: str | os.PathLike, repo_id: str, org: str | None = None, private: bool = False,
          commit_message: str = 'Upload FDConv checkpoint', card: str | None = None) -> str:
     """Upload a checkpoint folder (or a fine-tuning run's output folder) to a Hub repo, with a model card

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from . import models as _models  # noqa: F401  registers the FDConv families
 from .atomic import atomic_dir, write_bytes, write_json
-from .hub import EXPECTED_ERRORS, one_line
+from .cards import task_card
+from .hub import EXPECTED_ERRORS, one_line, push_folder
 from .training import (
     SeededRows,
     add_common_arguments,
@@ -461,31 +462,19 @@ def _plain_batchnorm(module: nn.Module) -> nn.Module:
 
 def segmentation_card(meta: dict[str, Any], repo_id: str) -> str:
     """Model card with the mIoU in the Hub's model-index metadata and a loading snippet."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
     results = meta.get('results', {})
-    dataset = results.get('dataset', 'custom')
-    evals = [EvalResult(task_type='image-segmentation', dataset_type=dataset, dataset_name=dataset,
-                        dataset_split='validation', metric_type=name, metric_value=round(results[name], 2))
-             for name in ('mIoU', 'mAcc', 'aAcc') if isinstance(results.get(name), float)]
-    data = ModelCardData(library_name='segmentation-models-pytorch', tags=['image-segmentation', 'fdconv', 'timm'],
-                         model_name=repo_id, eval_results=evals or None, pipeline_tag='image-segmentation')
-    text = (f"# {repo_id}\n\n{DECODERS[meta['decoder']]} on the `{meta['encoder']}` encoder "
+    body = (f"# {repo_id}\n\n{DECODERS[meta['decoder']]} on the `{meta['encoder']}` encoder "
             f"({len(meta['label_names'])} classes), {meta['notes']}.\n\n"
             "```python\nfrom fdconv_zoo.segment import load_segmenter\n"
             f"model, meta = load_segmenter('path/to/{repo_id}')\n```\n")
-    return str(ModelCard.from_template(data, template_str='---\n{{ card_data }}\n---\n\n' + text))
+    return task_card(repo_id, task='image-segmentation', library='segmentation-models-pytorch',
+                     metrics={k: results.get(k) for k in ('mIoU', 'mAcc', 'aAcc')},
+                     dataset=results.get('dataset', 'custom'), body=body)
 
 
 def push_segmenter(folder: Path, repo_id: str) -> str:
-    from huggingface_hub import HfApi
-
-    from .hub import full_repo_id
     load_segmenter(folder)  # refuse to publish what would not load
-    repo_id = full_repo_id(repo_id)
-    api = HfApi()
-    api.create_repo(repo_id, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message='Upload FDConv segmentation model')
-    return repo_id
+    return push_folder(folder, repo_id, 'Upload FDConv segmentation model')
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,6 +144,35 @@ def card_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def analyze_cmd(args: argparse.Namespace) -> int:
+    """The frequency picture of a model: report.py's PNGs, JSON and index.html."""
+    from pathlib import Path
+
+    from .analysis import compare_groups
+    from .benchmark import dense_counterpart
+    from .hub import load_checkpoint
+    from .report import analyze, summary_line
+    path = Path(args.model)
+    if path.is_dir():
+        model = load_checkpoint(path / 'model' if (path / 'model' / 'config.json').is_file() else path)
+    else:
+        tagged = '.' in args.model or args.model.startswith('hf-hub:')
+        model = timm.create_model(args.model, pretrained=tagged and not args.no_pretrained)
+    arch = model.pretrained_cfg.get('architecture') or args.model.split('.')[0]
+    compare = None
+    if args.compare_groups:
+        def build(n: int) -> torch.nn.Module:
+            torch.manual_seed(0)
+            dense = liven_(timm.create_model(dense_counterpart(arch)))
+            fd = timm.create_model(arch, num_freq_groups=n)
+            fd.load_state_dict(fdconv_checkpoint_filter(dense.state_dict(), fd))
+            return fd
+        compare = compare_groups(build, args.compare_groups)
+    out = analyze(model, args.out, args.images, args.layers, compare)
+    print(summary_line(out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='fdconv-zoo', description=__doc__)
     parser.add_argument('--debug', action='store_true', help='show the traceback of an error')
@@ -192,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('path_or_repo')
     p.add_argument('--revision')
     p.set_defaults(func=info_cmd)
+    p = sub.add_parser('analyze', help='frequency picture of an FDConv model: PNGs, JSON and index.html')
+    p.add_argument('model', help='zoo name or tag, hf-hub: id, or a folder written by save_for_hf or a training script')
+    p.add_argument('--images', nargs='+', help='image files or folders for the per-image views')
+    p.add_argument('--layers', help="glob of layer names for the detailed pages (e.g. 'layer3.*'; default: the "
+                                    "first FDConv layer of each stage)")
+    p.add_argument('--out', required=True, help='output folder')
+    p.add_argument('--compare-groups', type=int, nargs='+', metavar='N',
+                   help='also compare these numbers of frequency groups on the same dense weights')
+    p.add_argument('--no-pretrained', action='store_true', help='a tag without its weights (random init)')
+    p.set_defaults(func=analyze_cmd)
     p = sub.add_parser('card', help='generate model_cards/<repo>/README.md from manifest entries')
     p.add_argument('entries', nargs='+', help='models/*.json')
     p.add_argument('--out-root', default='model_cards')

@@ -312,7 +312,8 @@ def draw(shown, names: list[str], threshold: float) -> bytes:
             canvas = draw_segmentation_masks(canvas, pred['masks'][keep], alpha=0.4)
         labels = [f"{names[i - 1]} {s:.2f}" for i, s in zip(pred['labels'][keep].tolist(),
                                                             pred['scores'][keep].tolist(), strict=True)]
-        canvas = draw_bounding_boxes(canvas, pred['boxes'][keep], labels, colors='red', width=2)
+        if keep.any():
+            canvas = draw_bounding_boxes(canvas, pred['boxes'][keep], labels, colors='red', width=2)
         tile = torch.zeros(3, size, size, dtype=torch.uint8)
         tile[:, :canvas.shape[1], :canvas.shape[2]] = canvas
         tiles.append(tile)

@@ -171,6 +171,43 @@ def test_empty_batch_gives_empty_output_and_zero_gradients(make, loops):
         assert p.grad is not None and not p.grad.any(), name
 
 
+@pytest.mark.parametrize('make', [
+    lambda: FDConv2d(16, 24, 3, padding=1, num_freq_groups=8),
+    lambda: FDConv2d(16, 48, 3, stride=2, padding=1, padding_mode='reflect', num_freq_groups=8),
+    lambda: FDConv2d(16, 24, 1, stride=2, num_freq_groups=5),
+    lambda: FDConv2d(16, 24, 3, padding=2, dilation=2, groups=4, num_freq_groups=4, fbm=False),
+], ids=['3x3', 'reflect-stride2', '1x1-stride2', 'dilated-groups'])
+def test_portable_implementation_equals_the_operator(make):
+    """portable_dynamic_conv (what exports decompose the operator into: real-valued scaling before irfft2,
+    im2col by slices and a batched product) computes what fdconv::dynamic_conv computes."""
+    torch.manual_seed(0)
+    layer = make()
+    randomize_(layer, scale=0.3)
+    args = [a.detach() if isinstance(a, torch.Tensor) else a
+            for a in _layer_inputs(layer, torch.randn(3, 16, 9, 8)).values()]
+    expected = ops.dynamic_conv(*args)
+    assert rel_err(ops.portable_dynamic_conv(*args), expected) < 1e-5
+    assert rel_err(ops.portable_dynamic_conv(*args, synthesis_dtype=torch.float64), expected) < 1e-5
+
+
+@pytest.mark.parametrize('name', ['resnet18_fdconv', 'convnext_tiny_fdconv'])
+def test_torch_export_with_a_dynamic_batch(name):
+    """torch.export keeps the fdconv operators in the graph with a free batch size; decomposed into the portable
+    implementation, no fdconv node is left and the program still computes the model."""
+    model = _modulated(name).eval()
+    batch = torch.export.Dim('batch', min=1, max=1024)
+    program = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: batch},))
+    assert any(n.target == torch.ops.fdconv.dynamic_conv.default for n in program.graph.nodes)
+    portable = program.run_decompositions({torch.ops.fdconv.dynamic_conv.default: ops.portable_dynamic_conv})
+    assert not any('fdconv' in str(n.target) for n in portable.graph.nodes)
+    for size in (1, 3, 8):
+        x = torch.randn(size, 3, 64, 64)
+        with torch.no_grad():
+            expected = model(x)
+            assert rel_err(program.module()(x), expected) < 1e-6
+            assert rel_err(portable.module()(x), expected) < 1e-5
+
+
 def test_empty_batch_through_whole_models(loops):
     from fdconv_zoo.layers import FDLinear
     assert FDLinear(8, 16)(torch.randn(0, 5, 8)).shape == (0, 5, 16)

@@ -21,6 +21,7 @@ import math
 import threading
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -99,24 +100,27 @@ def kept_frequencies(length: int, cutoffs: tuple[int, ...]) -> tuple[int, ...]:
     Evaluated in float32 as the reference does: there 0.5/kappa + 1e-8 rounds to 0.25 for kappa=2 (edge bins
     excluded) but stays above 0.125 and 0.0625 for kappa=4, 8 (edge bins kept). Checkpoints were trained so.
     """
-    freq = torch.fft.fftfreq(length, dtype=torch.float32).abs()[:length // 2 + 1]
-    return tuple(int((freq < torch.tensor(0.5 / kappa + 1e-8, dtype=torch.float32)).sum()) for kappa in cutoffs)
+    # numpy, bit for bit what torch.fft.fftfreq(length, dtype=float32) gives (float32 index x float32(1/length)),
+    # so that the bases stay plain constants inside a traced or exported graph
+    freq = np.arange(length // 2 + 1, dtype=np.float32) * np.float32(1.0 / length)
+    return tuple(int((freq < np.float32(0.5 / kappa + 1e-8)).sum()) for kappa in cutoffs)
 
 
 @lru_cache(maxsize=64)
 def _fourier_basis_cpu(length: int, cutoffs: tuple[int, ...]) -> tuple[Tensor, tuple[int, ...]]:
-    # orthonormal real Fourier basis, columns by frequency: DC, cos 1, sin 1, cos 2, sin 2, ... (Nyquist: cos only)
+    # orthonormal real Fourier basis, columns by frequency: DC, cos 1, sin 1, cos 2, sin 2, ... (Nyquist: cos only);
+    # numpy, then one real tensor even inside a trace (torch.export, compile): a constant of the graph
     kept = kept_frequencies(length, cutoffs)
-    t = torch.arange(length, dtype=torch.float64)
-    columns = [torch.full((length,), 1 / math.sqrt(length), dtype=torch.float64)]
+    t = np.arange(length, dtype=np.float64)
+    columns = [np.full(length, 1 / math.sqrt(length))]
     for j in range(1, max(kept)):
         angle = 2 * math.pi * j * t / length
         if 2 * j == length:
-            columns.append(torch.cos(angle) / math.sqrt(length))
+            columns.append(np.cos(angle) / math.sqrt(length))
         else:
-            columns += [torch.cos(angle) * math.sqrt(2 / length), torch.sin(angle) * math.sqrt(2 / length)]
+            columns += [np.cos(angle) * math.sqrt(2 / length), np.sin(angle) * math.sqrt(2 / length)]
     ranks = tuple(0 if count == 0 else min(2 * count - 1, length) for count in kept)
-    return torch.stack(columns, 1), ranks
+    return torch.from_numpy(np.stack(columns, 1)), ranks
 
 
 _basis_cache: dict[tuple, tuple[Tensor, tuple[int, ...]]] = {}
@@ -131,8 +135,12 @@ def fourier_basis(length: int, cutoffs: tuple[int, ...], device: torch.device,
     key = (length, tuple(cutoffs), str(device), dtype)
     entry = _basis_cache.get(key)
     if entry is None:
-        basis, ranks = _fourier_basis_cpu(length, tuple(cutoffs))
-        entry = _basis_cache.setdefault(key, (basis.to(device=device, dtype=dtype), ranks))
+        # made outside any tracing mode (fake, proxy, functional): real tensors, the constants of a traced graph,
+        # and safe to cache for eager calls after an export
+        from torch.utils._python_dispatch import _disable_current_modes
+        with _disable_current_modes():
+            basis, ranks = _fourier_basis_cpu(length, tuple(cutoffs))
+            entry = _basis_cache.setdefault(key, (basis.to(device=device, dtype=dtype), ranks))
     return entry
 
 
@@ -170,10 +178,14 @@ def _band_modulation(x: Tensor, band_scale: Tensor, cutoffs: list[int]) -> Tenso
         work = _scratch('fbm.work', native.workspace_floats(2, h, w, max(ranks_h), max(ranks_w), len(cutoffs)))
         return native.band_modulation(x.contiguous(), band_scale.contiguous(), basis_h, tuple(ranks_h), basis_w,
                                       tuple(ranks_w), work)
+    return _band_modulation_torch(x, band_scale, cutoffs)
+
+
+def _band_modulation_torch(x: Tensor, band_scale: Tensor, cutoffs: list[int]) -> Tensor:
     weight = _band_weights(band_scale)
     out = band_scale[:, :1] * x
     for j, low in enumerate(_low_passes(x, cutoffs)):
-        out.addcmul_(weight[:, j:j + 1], low)
+        out = out + weight[:, j:j + 1] * low
     return out
 
 
@@ -840,6 +852,51 @@ def _conv_grad(ctx, grad):
 
 
 dynamic_conv.register_autograd(_conv_grad, setup_context=_conv_setup)
+
+
+def portable_dynamic_conv(x, band_scale, spectrum, group_index, attention, taps, windows, channel, spatial,
+                          filter_attention, bias, kernel_size, groups, stride, padding, dilation, pre_pad,
+                          padding_mode, cutoffs, synthesis_dtype: torch.dtype | None = None) -> Tensor:
+    """fdconv::dynamic_conv in operations every exporter and runtime has, for torch.export decompositions (ONNX):
+    the group scaling in real arithmetic before one irfft2 (ONNX DFT; no complex products), and the per-sample
+    kernels applied by im2col from slices and one batched matrix product, so the batch stays a free dimension
+    (no convolution with batch x groups groups). No fused loops and no data-dependent checks."""
+    k, dtype = kernel_size, fft_dtype(spectrum.dtype)
+    rows, cols = _geometry(spectrum, channel, k, groups)
+    b = x.shape[0]
+    scale = attention.to(dtype)[:, group_index.long()]  # (B, C/2+1, R)
+    scaled = (spectrum.to(dtype).unsqueeze(0) * scale.unsqueeze(-1)).transpose(1, 2).contiguous()
+    product = torch.fft.irfft2(torch.view_as_complex(scaled), s=(rows, cols))  # (B, R, C)
+    if taps is not None:
+        flat_taps = taps.to(dtype).reshape(taps.shape[0], -1)
+        product = product * torch.sigmoid(_local_logits(flat_taps, windows.to(dtype), rows, k, groups))
+    product = (product * _per_column(channel.to(dtype), rows, k, groups)).to(x.dtype)
+    conv = _Conv(x, rows, k, groups, stride, padding, dilation, pre_pad, padding_mode)
+    inp = x
+    if band_scale is not None:
+        inp = _band_modulation_torch(x.to(dtype), band_scale.to(dtype), cutoffs).to(x.dtype)
+    if pre_pad:
+        inp = F.pad(inp, pre_pad, mode='constant' if padding_mode == 'zeros' else padding_mode)
+    cout, cg = conv.out_channels, cols // k
+    if conv.tokens:
+        y = torch.bmm(inp, product.transpose(1, 2))
+    else:
+        kernels = product.view(b, cout, k, cg, k).permute(0, 1, 3, 2, 4)  # (B, Cout, Cg, k, k)
+        if spatial is not None:
+            kernels = kernels * spatial.to(x.dtype).view(b, 1, 1, k, k)
+        ph, pw = conv.padding
+        padded = F.pad(inp, (pw, pw, ph, ph)) if ph or pw else inp
+        (dh, dw), (sh, sw) = conv.dilation, conv.stride
+        ho = (padded.shape[2] - dh * (k - 1) - 1) // sh + 1
+        wo = (padded.shape[3] - dw * (k - 1) - 1) // sw + 1
+        taps_ = [padded[:, :, u * dh:u * dh + (ho - 1) * sh + 1:sh, v * dw:v * dw + (wo - 1) * sw + 1:sw]
+                 for u in range(k) for v in range(k)]
+        columns = torch.stack(taps_, 2).reshape(b, groups, cg * k * k, ho * wo)  # rows in (i, u, v) order
+        y = torch.matmul(kernels.reshape(b, groups, cout // groups, cg * k * k), columns).reshape(b, cout, ho, wo)
+    shape = conv.channel_shape(y)
+    if filter_attention is not None:
+        y = y * filter_attention.view(shape).to(y.dtype)
+    return y + bias.view(shape[1:]).to(y.dtype) if bias is not None else y
 
 
 @register_flop_formula(torch.ops.fdconv.dynamic_conv)

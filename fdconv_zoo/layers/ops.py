@@ -860,8 +860,9 @@ def portable_dynamic_conv(x, band_scale, spectrum, group_index, attention, taps,
     """fdconv::dynamic_conv in operations every exporter and runtime has, for torch.export decompositions (ONNX):
     the group scaling in real arithmetic before one irfft2 (ONNX DFT; no complex products), and the per-sample
     kernels applied by im2col from slices and one batched matrix product, so the batch stays a free dimension
-    (no convolution with batch x groups groups). No fused loops and no data-dependent checks."""
-    k, dtype = kernel_size, fft_dtype(spectrum.dtype)
+    (no convolution with batch x groups groups). No fused loops and no data-dependent checks. ``synthesis_dtype``
+    (default: at least float32) is what the kernels are made in: float64 keeps a runtime's plain DFT accurate."""
+    k, dtype = kernel_size, synthesis_dtype or fft_dtype(spectrum.dtype)
     rows, cols = _geometry(spectrum, channel, k, groups)
     b = x.shape[0]
     scale = attention.to(dtype)[:, group_index.long()]  # (B, C/2+1, R)

@@ -144,20 +144,35 @@ def card_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def analyze_cmd(args: argparse.Namespace) -> int:
-    """The frequency picture of a model: report.py's PNGs, JSON and index.html."""
+def _load_model(spec: str, no_pretrained: bool) -> torch.nn.Module:
+    """A zoo name or tag (a tag's weights unless ``no_pretrained``), an hf-hub: id, or a folder written by
+    save_for_hf or a training script (its model/ subfolder)."""
     from pathlib import Path
 
+    from .hub import load_checkpoint
+    path = Path(spec)
+    if path.is_dir():
+        return load_checkpoint(path / 'model' if (path / 'model' / 'config.json').is_file() else path)
+    tagged = '.' in spec or spec.startswith('hf-hub:')
+    return timm.create_model(spec, pretrained=tagged and not no_pretrained)
+
+
+def export_cmd(args: argparse.Namespace) -> int:
+    from .export import export
+    result = export(_load_model(args.model, args.no_pretrained), args.format, args.out, args.img_size, args.opset,
+                    check=not args.no_verify)
+    checked = ', '.join(f'batch {b}: {e:.1e}' for b, e in result['errors'].items()) or 'not checked'
+    print(f"wrote {result['path']} ({args.format}, dynamic batch, input {result['input_size']}; relative "
+          f"difference from eager: {checked})")
+    return 0
+
+
+def analyze_cmd(args: argparse.Namespace) -> int:
+    """The frequency picture of a model: report.py's PNGs, JSON and index.html."""
     from .analysis import compare_groups
     from .benchmark import dense_counterpart
-    from .hub import load_checkpoint
     from .report import analyze, summary_line
-    path = Path(args.model)
-    if path.is_dir():
-        model = load_checkpoint(path / 'model' if (path / 'model' / 'config.json').is_file() else path)
-    else:
-        tagged = '.' in args.model or args.model.startswith('hf-hub:')
-        model = timm.create_model(args.model, pretrained=tagged and not args.no_pretrained)
+    model = _load_model(args.model, args.no_pretrained)
     arch = model.pretrained_cfg.get('architecture') or args.model.split('.')[0]
     compare = None
     if args.compare_groups:
@@ -231,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help='also compare these numbers of frequency groups on the same dense weights')
     p.add_argument('--no-pretrained', action='store_true', help='a tag without its weights (random init)')
     p.set_defaults(func=analyze_cmd)
+    p = sub.add_parser('export', help='torch.export program (.pt2) or ONNX model with a dynamic batch, checked')
+    p.add_argument('model', help='zoo name or tag, hf-hub: id, or a folder written by save_for_hf or a training script')
+    p.add_argument('--format', required=True, help='onnx or pt2')
+    p.add_argument('--out', required=True, help='output file')
+    p.add_argument('--img-size', type=int, nargs='+', help='input H [W] (default: the model cfg)')
+    p.add_argument('--opset', type=int, default=20, help='ONNX opset')
+    p.add_argument('--no-verify', action='store_true', help='skip the check against eager PyTorch')
+    p.add_argument('--no-pretrained', action='store_true', help='a tag without its weights (random init)')
+    p.set_defaults(func=export_cmd)
     p = sub.add_parser('card', help='generate model_cards/<repo>/README.md from manifest entries')
     p.add_argument('entries', nargs='+', help='models/*.json')
     p.add_argument('--out-root', default='model_cards')

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 import timm
+import torch
+
+import fdconv_zoo  # noqa: F401  registers the architectures (parametrized below)
+from fdconv_zoo.export import program
 
 SUITE = Path(__file__).resolve().parent.parent / '.timm-tests' / f'timm-{timm.__version__}'
 
@@ -17,7 +21,8 @@ SUITE = Path(__file__).resolve().parent.parent / '.timm-tests' / f'timm-{timm.__
 DESELECT = {
     'test_model_forward_torchscript': 'TorchScript (deprecated upstream) cannot script the eager-only check of the '
                                       'group map (data_ptr, _version) nor the Python operators; torch.compile with '
-                                      'fullgraph is tested instead (tests/test_ops.py)',
+                                      'fullgraph (tests/test_ops.py) and torch.export of every architecture '
+                                      '(below) are tested instead',
 }
 # timm's CI leaves this unmarked test out (it prunes every model at every index); the smallest model of each
 # family runs it, the larger ones share its code paths
@@ -43,3 +48,18 @@ def test_timm_model_suite_passes_for_every_fdconv_model():
         core = {'test_model_forward', 'test_model_backward', 'test_model_default_cfgs', 'test_model_forward_fx',
                 'test_model_forward_features', 'test_model_forward_intermediates'}
         assert core <= tests, (arch, sorted(core - tests))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('arch', timm.list_models('*_fdconv'))
+def test_torch_export_of_every_architecture(arch):
+    """In place of timm's TorchScript test: each architecture exports with torch.export with a free batch, and
+    the program computes what the model computes."""
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=7).eval()
+    size = (224, 224) if 'swin' in arch else (64, 64)
+    exported = program(model, size).module()
+    x = torch.randn(3, 3, *size)
+    with torch.no_grad():
+        expected = model(x)
+        assert ((exported(x) - expected).abs().max() / expected.abs().max()) < 1e-5

@@ -143,14 +143,7 @@ def _layer_inputs(model: nn.Module, layers: dict[str, nn.Module], images: torch.
 def per_sample_kernels(layer: FDConv2d | FDLinear, x: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
     """(the per-sample kernels (B, Cout*k, Cg*k) with every attention applied, the KSM attention, the static
     kernel matrix) of a layer for its input ``x``, computed the way its forward does."""
-    x = layer._tokens(x)
-    pooled = x.float().mean((1,) if x.ndim == 3 else (2, 3))
-    att = layer.ksm_global(pooled)
-    taps = windows = None
-    channel = att.channel
-    if layer.ksm_local is not None:
-        taps, windows = layer.ksm_local.taps(), layer.ksm_local(pooled)
-        channel = channel * layer.att_multi
+    att, taps, windows, channel = layer.kernel_modulation(layer._tokens(x))
     fdw = layer.fdw
     kernels = synthesize(fdw.spectrum, fdw.indices(), att.kernel, taps, windows, channel, fdw.kernel_size,
                          layer.groups)

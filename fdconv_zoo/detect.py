@@ -9,8 +9,6 @@ import io
 import json
 import math
 import os
-import sys
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ import torch.nn as nn
 from . import models as _models  # noqa: F401  registers the FDConv families
 from .atomic import atomic_dir, write_bytes, write_json
 from .cards import task_card
-from .hub import EXPECTED_ERRORS, one_line, push_folder
+from .hub import push_folder
 from .training import (
     SeededRows,
     add_common_arguments,
@@ -32,6 +30,7 @@ from .training import (
     make_loader,
     parse_model_kwargs,
     resume,
+    run_main,
     select_trainable,
     train_loop,
 )
@@ -430,13 +429,5 @@ def _export(model: nn.Module, folder: Path, config: dict[str, Any], results: dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    start = time.time()
-    try:
-        results = train(args)
-    except EXPECTED_ERRORS as e:
-        print(f"detect: {one_line(e)}", file=sys.stderr)
-        return 2
-    print(f"box AP {results['box_AP']:.2f} AP50 {results['box_AP50']:.2f} ({results['steps']} updates, "
-          f"{time.time() - start:.0f} s)")
-    return 0
+    return run_main('detect', build_parser(), train, lambda r: f"box AP {r['box_AP']:.2f} AP50 "
+                                                            f"{r['box_AP50']:.2f}", argv)

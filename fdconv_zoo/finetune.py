@@ -7,8 +7,6 @@ import argparse
 import logging
 import math
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from . import models as _models  # noqa: F401  registers the FDConv families
 from .atomic import atomic_dir, write_json
-from .hub import EXPECTED_ERRORS, describe_origin, one_line
+from .hub import describe_origin
 from .training import (
     SeededRows,
     add_common_arguments,
@@ -33,6 +31,7 @@ from .training import (
     make_loader,
     parse_model_kwargs,
     resume,
+    run_main,
     select_trainable,
     train_loop,
 )
@@ -259,13 +258,5 @@ def _export(model: nn.Module, folder: Path, names: list[str], data_config: dict,
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    start = time.time()
-    try:
-        results = train(args)
-    except EXPECTED_ERRORS as e:
-        print(f"finetune: {one_line(e)}", file=sys.stderr)
-        return 2
-    print(f"top1 {results['top1']:.2f} top5 {results['top5']:.2f} loss {results['loss']:.4f} "
-          f"({results['steps']} updates, {time.time() - start:.0f} s)")
-    return 0
+    return run_main('finetune', build_parser(), train, lambda r: f"top1 {r['top1']:.2f} top5 {r['top5']:.2f} "
+                                                              f"loss {r['loss']:.4f}", argv)

@@ -9,8 +9,6 @@ import io
 import json
 import math
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ import torch.nn.functional as F
 from . import models as _models  # noqa: F401  registers the FDConv families
 from .atomic import atomic_dir, write_bytes, write_json
 from .cards import task_card
-from .hub import EXPECTED_ERRORS, one_line, push_folder
+from .hub import push_folder
 from .training import (
     SeededRows,
     add_common_arguments,
@@ -32,6 +30,7 @@ from .training import (
     make_loader,
     parse_model_kwargs,
     resume,
+    run_main,
     select_trainable,
     train_loop,
 )
@@ -478,13 +477,5 @@ def push_segmenter(folder: Path, repo_id: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    start = time.time()
-    try:
-        results = train(args)
-    except EXPECTED_ERRORS as e:
-        print(f"segment: {one_line(e)}", file=sys.stderr)
-        return 2
-    print(f"mIoU {results['mIoU']:.2f} mAcc {results['mAcc']:.2f} aAcc {results['aAcc']:.2f} "
-          f"({results['steps']} updates, {time.time() - start:.0f} s)")
-    return 0
+    return run_main('segment', build_parser(), train, lambda r: f"mIoU {r['mIoU']:.2f} mAcc {r['mAcc']:.2f} "
+                                                             f"aAcc {r['aAcc']:.2f}", argv)

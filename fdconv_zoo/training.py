@@ -286,5 +286,24 @@ def train_loop(accelerator, args: argparse.Namespace, model: nn.Module, optimize
     return metrics
 
 
+def run_main(name: str, parser: argparse.ArgumentParser, train: Callable[[argparse.Namespace], dict[str, Any]],
+             summary: Callable[[dict[str, Any]], str], argv: list[str] | None = None) -> int:
+    """A training entry point: parse, train, print ``summary(results)``; bad input is one line on stderr and
+    exit code 2."""
+    import sys
+    import time
+
+    from .hub import EXPECTED_ERRORS, one_line
+    args = parser.parse_args(argv)
+    start = time.time()
+    try:
+        results = train(args)
+    except EXPECTED_ERRORS as e:
+        print(f"{name}: {one_line(e)}", file=sys.stderr)
+        return 2
+    print(f"{summary(results)} ({results['steps']} updates, {time.time() - start:.0f} s)")
+    return 0
+
+
 def loggable_config(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}

@@ -26,3 +26,15 @@ for var in ('HF_HUB_OFFLINE', 'HF_HUB_CACHE', 'HUGGINGFACE_HUB_CACHE'):
 def hub() -> HubServer:
     """The session's Hub-protocol server (its repos persist across tests; use unique repo names)."""
     return _HUB
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's process-wide state reset around a test that trains in this process (each train() call
+    builds its own Accelerator)."""
+    from accelerate.state import AcceleratorState, PartialState
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()

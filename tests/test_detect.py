@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from fdconv_zoo.detect import build_detector, build_parser, load_coco, load_detector, main, train
 
+pytestmark = pytest.mark.usefixtures('fresh_accelerate_state')  # (conftest.py)
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ['--model', 'resnet18_fdconv', '--no-pretrained', '--model-kwargs', 'channels=[32,32,64,64]', 'stem_width=32',
          'layers=[1,1,1,1]', 'num_freq_groups=8', '--fpn-channels', '32', '--rois-per-image', '64', '--min-size', '96',
@@ -30,16 +31,6 @@ def coco(tmp_path_factory) -> Path:
     write_coco(root / 'train', 64, 96, seed=0)
     write_coco(root / 'val', 16, 96, seed=1)
     return root
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, PartialState
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
 
 
 def coco_args(root: Path) -> list[str]:

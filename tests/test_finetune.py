@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from fdconv_zoo.finetune import build_parser, main, train
 
+pytestmark = pytest.mark.usefixtures('fresh_accelerate_state')  # (conftest.py)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -39,16 +40,6 @@ def digits_dataset(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp('digits') / 'ds'
     datasets.DatasetDict(train=parts['train'], validation=parts['test']).save_to_disk(str(path))
     return str(path)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, PartialState
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
 
 
 # narrow, shallow FDConv nets: per-sample kernels dominate FDConv's cost on tiny images, so keep |W| small

@@ -18,6 +18,7 @@ from seg_data import CLASSES, mosaic, write_folder
 
 from fdconv_zoo.segment import build_parser, load_segmenter, main, predict_logits, scores, train
 
+pytestmark = pytest.mark.usefixtures('fresh_accelerate_state')  # (conftest.py)
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ['--model', 'convnext_tiny_fdconv', '--no-pretrained', '--model-kwargs', 'dims=[32,32,64,64]',
          'depths=[1,1,1,1]', 'num_freq_groups=8', '--decoder-channels', '32', '--crop-size', '64', '--scale', '64',
@@ -33,16 +34,6 @@ def mosaics(tmp_path_factory) -> Path:
     write_folder(root / 'train', 48, 64, seed=0)
     write_folder(root / 'val', 12, 64, seed=1)
     return root
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, PartialState
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
 
 
 def folders(root: Path) -> list[str]:

@@ -21,7 +21,7 @@ from timm.layers import register_notrace_module
 
 from .fbm import FBM
 from .fdw import FourierDisjointWeight
-from .ksm import KSMGlobal, KSMLocal
+from .ksm import GlobalAttention, KSMGlobal, KSMLocal
 from .ops import dynamic_conv, fft_dtype, region
 from .reference import infer_layer_shape, load_reference_layer
 
@@ -156,18 +156,23 @@ class _FrequencyDynamicLayer(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def kernel_modulation(self, x: torch.Tensor) -> tuple[GlobalAttention, torch.Tensor | None,
+                                                          torch.Tensor | None, torch.Tensor]:
+        """KSM of an input as the operator takes it (``_tokens``): the global attention, the local branch's taps
+        and windows (None without it) and the channel factor the synthesis applies."""
+        dims = (1,) if x.ndim == 3 else (2, 3)
+        pooled = x.to(fft_dtype(x.dtype)).mean(dims).to(self.ksm_global.fc.weight.dtype)  # statistics (B, Cin)
+        att = self.ksm_global(pooled)
+        if self.ksm_local is None:
+            return att, None, None, att.channel
+        # the local branch's factor att_multi * sigmoid(L)
+        return att, self.ksm_local.taps(), self.ksm_local(pooled), att.channel * self.att_multi
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         x = self._tokens(x)
-        dims = (1,) if x.ndim == 3 else (2, 3)
         with region('fdconv.ksm'):
-            pooled = x.to(fft_dtype(x.dtype)).mean(dims).to(self.ksm_global.fc.weight.dtype)  # statistics (B, Cin)
-            att = self.ksm_global(pooled)
-            taps = windows = None
-            channel = att.channel
-            if self.ksm_local is not None:
-                taps, windows = self.ksm_local.taps(), self.ksm_local(pooled)
-                channel = channel * self.att_multi  # the local branch's factor att_multi * sigmoid(L)
+            att, taps, windows, channel = self.kernel_modulation(x)
         with region('fdconv.fbm'):
             band_scale = self.fbm.band_scale(x) if self.fbm is not None else None
         stride, padding, pre_pad, dilation, mode = self._conv_options()

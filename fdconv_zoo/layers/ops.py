@@ -184,8 +184,8 @@ def _band_modulation(x: Tensor, band_scale: Tensor, cutoffs: list[int]) -> Tenso
 def _band_modulation_torch(x: Tensor, band_scale: Tensor, cutoffs: list[int]) -> Tensor:
     weight = _band_weights(band_scale)
     out = band_scale[:, :1] * x
-    for j, low in enumerate(_low_passes(x, cutoffs)):
-        out = out + weight[:, j:j + 1] * low
+    for j, low in enumerate(_low_passes(x, cutoffs)):  # out of place: export decompositions must stay functional
+        out = torch.addcmul(out, weight[:, j:j + 1], low)
     return out
 
 
@@ -575,8 +575,6 @@ def _kernel_input_backward(grad: Tensor, x: Tensor, band_scale: Tensor | None, c
     if band_scale is None:
         return grad, None
     dtype = fft_dtype(x.dtype)
-    if x.numel() == 0:
-        return [torch.zeros_like(x), torch.zeros_like(band_scale)]
     grad_x, grad_scale = _band_modulation_backward(grad.to(dtype), x.to(dtype), band_scale.to(dtype), cutoffs)
     return grad_x, grad_scale
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 import ctypes
 import math
 import statistics
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -219,6 +222,7 @@ class BenchResult:
     # a shared machine, which slows both runs of a pair alike
     ratio_q1: float | None = None
     ratio_q3: float | None = None
+    backend: str = 'eager'
 
     @property
     def time_ratio(self) -> float:
@@ -238,13 +242,35 @@ class BenchResult:
         return d
 
 
+BACKENDS = ('eager', 'onnxruntime')
+
+
+def onnxruntime_runner(model: nn.Module, img_size: int, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` exported to ONNX at ``path`` (dynamic batch; not checked here, the export command checks) and
+    run by onnxruntime's CPU provider, as a callable on tensors."""
+    import onnxruntime as ort
+
+    from .export import export
+    export(model, 'onnx', path, img_size=[img_size], check=False)
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
 def compare(fd_name: str, mode: str, batch_size: int, img_size: int, repeats: int = 5, warmup: int = 1,
-            device: str | torch.device = 'cpu', amp: bool = False, compile: bool = False) -> BenchResult:
+            device: str | torch.device = 'cpu', amp: bool = False, compile: bool = False,
+            backend: str = 'eager') -> BenchResult:
     """Dense timm model vs its FDConv version in this process, repeats interleaved, medians reported (and the
     quartiles of the per-repeat ratios); with ``compile`` both run as ``torch.compile(model, fullgraph=True)``
-    (compiled during the warm-up)."""
+    (compiled during the warm-up); with ``backend='onnxruntime'`` both are exported to ONNX and run by
+    onnxruntime's CPU provider (eval only)."""
     import timm
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: one of {list(BACKENDS)}")
     device = torch.device(device)
+    if backend == 'onnxruntime' and (mode != 'eval' or device.type != 'cpu' or amp or compile):
+        raise ValueError("the onnxruntime backend times eval on the CPU provider only (no training step, --device "
+                         "cuda, --amp or --compile)")
     torch.manual_seed(0)
     models = {'dense': timm.create_model(dense_counterpart(fd_name)), 'fdconv': timm.create_model(fd_name)}
     for m in models.values():
@@ -256,6 +282,9 @@ def compare(fd_name: str, mode: str, batch_size: int, img_size: int, repeats: in
     optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in models.items()}
     if compile:
         models = {k: torch.compile(m, fullgraph=True) for k, m in models.items()}
+    if backend == 'onnxruntime':
+        with tempfile.TemporaryDirectory() as folder:  # a session keeps what it loaded
+            models = {k: onnxruntime_runner(m, img_size, Path(folder) / f'{k}.onnx') for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in models}
     peaks: dict[str, float] = {}
     for i in range(warmup + repeats):
@@ -274,7 +303,7 @@ def compare(fd_name: str, mode: str, batch_size: int, img_size: int, repeats: in
     paired = [f / d for d, f in zip(times['dense'], times['fdconv'], strict=True)]
     q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else (None, None, None)
     return BenchResult(fd_name, mode, batch_size, img_size, statistics.median(times['dense']),
-                       statistics.median(times['fdconv']), peaks.get('dense'), peaks.get('fdconv'), q1, q3)
+                       statistics.median(times['fdconv']), peaks.get('dense'), peaks.get('fdconv'), q1, q3, backend)
 
 
 PARTS = ('fdconv.ksm', 'fdconv.synthesis', 'fdconv.fbm', 'fdconv.conv')

@@ -72,14 +72,16 @@ def bench(args: argparse.Namespace) -> int:
     rows = []
     for name in args.models:
         for bs in args.batch_sizes:
-            rows.append(compare(name, 'eval', bs, args.img_size, args.repeats, device=args.device, amp=args.amp,
-                                compile=args.compile))
-            print(_bench_line(rows[-1]), flush=True)
-        if args.train_batch_size:
+            for backend in dict.fromkeys(('eager', args.backend)):  # the same model eager, then in the backend
+                rows.append(compare(name, 'eval', bs, args.img_size, args.repeats, device=args.device, amp=args.amp,
+                                    compile=args.compile, backend=backend))
+                print(_bench_line(rows[-1]), flush=True)
+        if args.train_batch_size and args.backend == 'eager':
             rows.append(compare(name, 'train', args.train_batch_size, args.train_img_size, args.repeats,
                                 device=args.device, amp=args.amp, compile=args.compile))
             print(_bench_line(rows[-1]), flush=True)
-    result = {'device': str(args.device), 'amp_bf16': args.amp, 'compiled': args.compile, 'torch': torch.__version__,
+    result = {'device': str(args.device), 'amp_bf16': args.amp, 'compiled': args.compile, 'backend': args.backend,
+              'torch': torch.__version__,
               'threads': torch.get_num_threads(), 'rows': [r.to_dict() for r in rows]}
     if args.breakdown:
         result['breakdown'] = {}
@@ -95,8 +97,8 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def _bench_line(r) -> str:
-    line = (f"{r.model:38s} {r.mode:5s} batch {r.batch_size:3d} @{r.img_size}: dense {r.dense_ms:8.1f} ms, "
-            f"FDConv {r.fdconv_ms:8.1f} ms, ratio {r.time_ratio:5.2f}x")
+    line = (f"{r.model:38s} {r.mode:5s} {r.backend:11s} batch {r.batch_size:3d} @{r.img_size}: "
+            f"dense {r.dense_ms:8.1f} ms, FDConv {r.fdconv_ms:8.1f} ms, ratio {r.time_ratio:5.2f}x")
     if r.ratio_q1 is not None:
         line += f" ({r.ratio_q1:.2f}-{r.ratio_q3:.2f})"
     if r.memory_ratio is not None:
@@ -161,9 +163,10 @@ def export_cmd(args: argparse.Namespace) -> int:
     from .export import export
     result = export(_load_model(args.model, args.no_pretrained), args.format, args.out, args.img_size, args.opset,
                     check=not args.no_verify)
-    checked = ', '.join(f'batch {b}: {e:.1e}' for b, e in result['errors'].items()) or 'not checked'
-    print(f"wrote {result['path']} ({args.format}, dynamic batch, input {result['input_size']}; relative "
-          f"difference from eager: {checked})")
+    checked = ', '.join(f'{shape}: {e:.1e}' for shape, e in result['errors'].items()) or 'not checked'
+    dims = ', '.join(f'{name} {r}' if isinstance(r, int) else f"{name} {r[0]}..{r[1] if r[1] != -1 else ''}"
+                     for name, r in zip(('batch', 'channels', 'height', 'width'), result['input_ranges'], strict=True))
+    print(f"wrote {result['path']} ({args.format}; input {dims}; relative difference from eager: {checked})")
     return 0
 
 
@@ -211,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--amp', action='store_true', help='bf16 autocast')
     p.add_argument('--compile', action='store_true', help='time torch.compile(model, fullgraph=True) of both models')
     p.add_argument('--breakdown', action='store_true', help='also profile the FDConv parts')
+    p.add_argument('--backend', choices=['eager', 'onnxruntime'], default='eager',
+                   help='onnxruntime: also time both models exported to ONNX in onnxruntime (CPU), next to eager; '
+                        'no training step')
     p.add_argument('--out', default=None, help='write the results as JSON here')
     p.set_defaults(func=bench)
     org_help = 'Hub organisation for repo ids without one (default: $FDCONV_ZOO_ORG or fdconv-zoo)'

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.profiler import record_function
 from torch.utils.flop_counter import register_flop_formula
 
-from . import native
+from . import dft, native
 
 
 def fft_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -186,6 +186,38 @@ def _band_modulation_torch(x: Tensor, band_scale: Tensor, cutoffs: list[int]) ->
     out = band_scale[:, :1] * x
     for j, low in enumerate(_low_passes(x, cutoffs)):  # out of place: export decompositions must stay functional
         out = torch.addcmul(out, weight[:, j:j + 1], low)
+    return out
+
+
+def _low_pass_projections(n: int, cutoffs: list[int], like: Tensor) -> list[Tensor]:
+    """Per cut-off, the (n, n) low-pass projection of one axis, P[t, s] = p[(t - s) mod n] with
+    p[d] = (1/n) sum over kept j of cos(2 pi j d / n), made inside the graph from the length, so that a symbolic
+    length in an export stays symbolic. The kept frequencies follow kept_frequencies' float32 test exactly:
+    float32(1/n) by a float32 division (equal to numpy's rounding for every n < 100000, checked), times |j|."""
+    # n enters as a 0-d tensor: exporters take tensor arithmetic on a symbolic size, not every scalar form of it
+    j = torch.arange(n, device=like.device)
+    length = torch.full((), n, dtype=torch.int64, device=like.device)
+    step = torch.reciprocal(length.to(torch.float32))
+    freq = torch.minimum(j, length - j).to(torch.float32) * step  # |fftfreq(n)| as the reference computes it
+    turns = torch.remainder(j.unsqueeze(1) * j, length).to(like.dtype) / length.to(like.dtype)  # reduced mod n first
+    cos = torch.cos(turns * (2 * math.pi))
+    offset = torch.remainder(j.unsqueeze(1) - j, length)
+    projections = []
+    for kappa in cutoffs:
+        kept = (freq < np.float32(0.5 / kappa + 1e-8)).to(like.dtype)
+        projections.append((cos @ kept / length.to(like.dtype))[offset])
+    return projections
+
+
+def _band_modulation_portable(x: Tensor, band_scale: Tensor, cutoffs: list[int]) -> Tensor:
+    """FBM with the projections made in the graph (_low_pass_projections): for exports, where the spatial size
+    may be symbolic. Full (n, n) projections cost more than the bases' few columns; only exports pay it."""
+    weight = _band_weights(band_scale)
+    out = band_scale[:, :1] * x
+    h, w = x.shape[-2:]
+    for j, (proj_h, proj_w) in enumerate(zip(_low_pass_projections(h, cutoffs, x),
+                                             _low_pass_projections(w, cutoffs, x), strict=True)):
+        out = torch.addcmul(out, weight[:, j:j + 1], proj_h @ x @ proj_w)
     return out
 
 
@@ -854,18 +886,19 @@ dynamic_conv.register_autograd(_conv_grad, setup_context=_conv_setup)
 
 def portable_dynamic_conv(x, band_scale, spectrum, group_index, attention, taps, windows, channel, spatial,
                           filter_attention, bias, kernel_size, groups, stride, padding, dilation, pre_pad,
-                          padding_mode, cutoffs, synthesis_dtype: torch.dtype | None = None) -> Tensor:
+                          padding_mode, cutoffs) -> Tensor:
     """fdconv::dynamic_conv in operations every exporter and runtime has, for torch.export decompositions (ONNX):
-    the group scaling in real arithmetic before one irfft2 (ONNX DFT; no complex products), and the per-sample
-    kernels applied by im2col from slices and one batched matrix product, so the batch stays a free dimension
-    (no convolution with batch x groups groups). No fused loops and no data-dependent checks. ``synthesis_dtype``
-    (default: at least float32) is what the kernels are made in: float64 keeps a runtime's plain DFT accurate."""
-    k, dtype = kernel_size, synthesis_dtype or fft_dtype(spectrum.dtype)
+    the group scaling in real arithmetic, the inverse FFT as matrix products (dft.irfft2: no complex tensors, and
+    fast where a runtime's FFT is not), and the per-sample kernels applied by im2col from slices and one batched
+    matrix product, so the batch stays a free dimension (no convolution with batch x groups groups). No fused
+    loops and no data-dependent checks."""
+    k, dtype = kernel_size, fft_dtype(spectrum.dtype)
     rows, cols = _geometry(spectrum, channel, k, groups)
     b = x.shape[0]
     scale = attention.to(dtype)[:, group_index.long()]  # (B, C/2+1, R)
-    scaled = (spectrum.to(dtype).unsqueeze(0) * scale.unsqueeze(-1)).transpose(1, 2).contiguous()
-    product = torch.fft.irfft2(torch.view_as_complex(scaled), s=(rows, cols))  # (B, R, C)
+    spectrum = spectrum.to(dtype)
+    product = dft.irfft2((spectrum[..., 0] * scale).transpose(1, 2), (spectrum[..., 1] * scale).transpose(1, 2),
+                         rows, cols)  # (B, R, C)
     if taps is not None:
         flat_taps = taps.to(dtype).reshape(taps.shape[0], -1)
         product = product * torch.sigmoid(_local_logits(flat_taps, windows.to(dtype), rows, k, groups))
@@ -873,7 +906,7 @@ def portable_dynamic_conv(x, band_scale, spectrum, group_index, attention, taps,
     conv = _Conv(x, rows, k, groups, stride, padding, dilation, pre_pad, padding_mode)
     inp = x
     if band_scale is not None:
-        inp = _band_modulation_torch(x.to(dtype), band_scale.to(dtype), cutoffs).to(x.dtype)
+        inp = _band_modulation_portable(x.to(dtype), band_scale.to(dtype), cutoffs).to(x.dtype)
     if pre_pad:
         inp = F.pad(inp, pre_pad, mode='constant' if padding_mode == 'zeros' else padding_mode)
     cout, cg = conv.out_channels, cols // k

@@ -171,18 +171,20 @@ def test_empty_batch_gives_empty_output_and_zero_gradients(make, loops):
         assert p.grad is not None and not p.grad.any(), name
 
 
-@pytest.mark.parametrize('rows, cols', [(6, 6), (1, 5), (12, 15), (192, 96), (201, 9), (4096, 7), (1536, 1536)])
+@pytest.mark.parametrize('rows, cols', [(6, 6), (1, 5), (12, 15), (192, 96), (201, 9), (6144, 7), (1536, 1536),
+                                        (2 * 131, 4)])
 def test_irfft2_by_matrix_products(rows, cols):
-    """dft.irfft2 (the export's FFT: four-step splits into DFT matrices of at most 64 points, Hermitian extension
-    along the columns) equals torch.fft.irfft2, for even, odd, power-of-two, prime-factor (201 = 3 x 67) and
-    two-stage lengths, and stays accurate in float32."""
+    """dft.irfft2 (the export's FFT: two stages of DFT matrices of at most 128 points, Hermitian extension along
+    the columns) equals torch.fft.irfft2 for even, odd, single-matrix, two-stage (1536 = 48 x 32, 6144 =
+    64 x 96) and unsplittable (262 = 2 x 131: one dense matrix) lengths, and stays accurate in float32."""
     from fdconv_zoo.layers import dft
     gen = torch.Generator().manual_seed(rows * cols)
     half = torch.randn(2, rows, cols // 2 + 1, 2, dtype=torch.float64, generator=gen)
     expected = torch.fft.irfft2(torch.view_as_complex(half), s=(rows, cols))
-    exact = dft.irfft2(half[..., 0], half[..., 1], rows, cols)
+    stacked = half.movedim(-1, 1)  # (2, [re, im], rows, cols // 2 + 1)
+    exact = dft.irfft2(stacked, rows, cols)
     assert ((exact - expected).abs().max() / expected.abs().max()).item() < 1e-12
-    assert rel_err(dft.irfft2(half[..., 0].float(), half[..., 1].float(), rows, cols), expected) < 2e-6
+    assert rel_err(dft.irfft2(stacked.float(), rows, cols), expected) < 2e-6
 
 
 @pytest.mark.parametrize('make', [

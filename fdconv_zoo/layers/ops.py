@@ -895,10 +895,8 @@ def portable_dynamic_conv(x, band_scale, spectrum, group_index, attention, taps,
     k, dtype = kernel_size, fft_dtype(spectrum.dtype)
     rows, cols = _geometry(spectrum, channel, k, groups)
     b = x.shape[0]
-    scale = attention.to(dtype)[:, group_index.long()]  # (B, C/2+1, R)
-    spectrum = spectrum.to(dtype)
-    product = dft.irfft2((spectrum[..., 0] * scale).transpose(1, 2), (spectrum[..., 1] * scale).transpose(1, 2),
-                         rows, cols)  # (B, R, C)
+    scale = attention.to(dtype)[:, group_index.long().t()]  # (B, R, C/2+1)
+    product = dft.irfft2(spectrum.to(dtype).permute(2, 1, 0) * scale.unsqueeze(1), rows, cols)  # (B, R, C)
     if taps is not None:
         flat_taps = taps.to(dtype).reshape(taps.shape[0], -1)
         product = product * torch.sigmoid(_local_logits(flat_taps, windows.to(dtype), rows, k, groups))
@@ -913,18 +911,22 @@ def portable_dynamic_conv(x, band_scale, spectrum, group_index, attention, taps,
     if conv.tokens:
         y = torch.bmm(inp, product.transpose(1, 2))
     else:
-        kernels = product.view(b, cout, k, cg, k).permute(0, 1, 3, 2, 4)  # (B, Cout, Cg, k, k)
+        # the contraction runs over (u, i, v), the order of a kernel matrix row (o, u) followed by its columns
+        # (i, v): the product is the matmul's left operand as it is, and im2col stacks its taps in that order
+        kernels = product.view(b, cout, k, cg, k)
         if spatial is not None:
-            kernels = kernels * spatial.to(x.dtype).view(b, 1, 1, k, k)
+            kernels = kernels * spatial.to(x.dtype).view(b, 1, k, 1, k)
         ph, pw = conv.padding
         padded = F.pad(inp, (pw, pw, ph, ph)) if ph or pw else inp
+        padded = padded.view(b, groups, cg, *padded.shape[2:])
         (dh, dw), (sh, sw) = conv.dilation, conv.stride
-        ho = (padded.shape[2] - dh * (k - 1) - 1) // sh + 1
-        wo = (padded.shape[3] - dw * (k - 1) - 1) // sw + 1
-        taps_ = [padded[:, :, u * dh:u * dh + (ho - 1) * sh + 1:sh, v * dw:v * dw + (wo - 1) * sw + 1:sw]
-                 for u in range(k) for v in range(k)]
-        columns = torch.stack(taps_, 2).reshape(b, groups, cg * k * k, ho * wo)  # rows in (i, u, v) order
-        y = torch.matmul(kernels.reshape(b, groups, cout // groups, cg * k * k), columns).reshape(b, cout, ho, wo)
+        ho = (padded.shape[3] - dh * (k - 1) - 1) // sh + 1
+        wo = (padded.shape[4] - dw * (k - 1) - 1) // sw + 1
+        columns = torch.stack([torch.stack([
+            padded[..., u * dh:u * dh + (ho - 1) * sh + 1:sh, v * dw:v * dw + (wo - 1) * sw + 1:sw]
+            for v in range(k)], 3) for u in range(k)], 2)  # (B, groups, k, Cg, k, Ho, Wo)
+        y = torch.matmul(kernels.reshape(b, groups, cout // groups, k * cg * k),
+                         columns.reshape(b, groups, k * cg * k, ho * wo)).reshape(b, cout, ho, wo)
     shape = conv.channel_shape(y)
     if filter_attention is not None:
         y = y * filter_attention.view(shape).to(y.dtype)

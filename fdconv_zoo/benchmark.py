@@ -245,16 +245,34 @@ class BenchResult:
 BACKENDS = ('eager', 'onnxruntime')
 
 
-def onnxruntime_runner(model: nn.Module, img_size: int, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``model`` exported to ONNX at ``path`` (dynamic batch; not checked here, the export command checks) and
-    run by onnxruntime's CPU provider, as a callable on tensors."""
+def check_backend(backend: str, mode: str, device: str | torch.device, amp: bool, compile: bool) -> None:
+    """What a backend can time; a ValueError naming the conflict otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: one of {list(BACKENDS)}")
+    if backend == 'onnxruntime' and (mode != 'eval' or torch.device(device).type != 'cpu' or amp or compile):
+        raise ValueError("the onnxruntime backend times eval on the CPU provider only (no training step, --device "
+                         "cuda, --amp or --compile)")
+
+
+_sessions: dict[tuple[str, int], Any] = {}
+
+
+def onnxruntime_runner(name: str, model: nn.Module, img_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` (architecture ``name``, made with compare's seed) exported to ONNX with a dynamic batch and run
+    by onnxruntime's CPU provider, as a callable on tensors. Not checked here (the export command checks); one
+    session per architecture and size, reused across batch sizes."""
     import onnxruntime as ort
 
     from .export import export
-    export(model, 'onnx', path, img_size=[img_size], check=False)
-    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-    name = session.get_inputs()[0].name
-    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+    session = _sessions.get((name, img_size))
+    if session is None:
+        with tempfile.TemporaryDirectory() as folder:  # the session keeps what it loaded
+            path = Path(folder) / 'model.onnx'
+            export(model, 'onnx', path, img_size=[img_size], check=False)
+            session = _sessions[(name, img_size)] = ort.InferenceSession(str(path),
+                                                                         providers=['CPUExecutionProvider'])
+    input_name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
 
 
 def compare(fd_name: str, mode: str, batch_size: int, img_size: int, repeats: int = 5, warmup: int = 1,
@@ -265,14 +283,11 @@ def compare(fd_name: str, mode: str, batch_size: int, img_size: int, repeats: in
     (compiled during the warm-up); with ``backend='onnxruntime'`` both are exported to ONNX and run by
     onnxruntime's CPU provider (eval only)."""
     import timm
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: one of {list(BACKENDS)}")
+    check_backend(backend, mode, device, amp, compile)
     device = torch.device(device)
-    if backend == 'onnxruntime' and (mode != 'eval' or device.type != 'cpu' or amp or compile):
-        raise ValueError("the onnxruntime backend times eval on the CPU provider only (no training step, --device "
-                         "cuda, --amp or --compile)")
     torch.manual_seed(0)
-    models = {'dense': timm.create_model(dense_counterpart(fd_name)), 'fdconv': timm.create_model(fd_name)}
+    names = {'dense': dense_counterpart(fd_name), 'fdconv': fd_name}
+    models = {k: timm.create_model(name) for k, name in names.items()}
     for m in models.values():
         m.to(device).train(mode == 'train')
     if models['fdconv'].pretrained_cfg.get('fixed_input_size'):  # e.g. Swin: only its own resolution
@@ -283,8 +298,7 @@ def compare(fd_name: str, mode: str, batch_size: int, img_size: int, repeats: in
     if compile:
         models = {k: torch.compile(m, fullgraph=True) for k, m in models.items()}
     if backend == 'onnxruntime':
-        with tempfile.TemporaryDirectory() as folder:  # a session keeps what it loaded
-            models = {k: onnxruntime_runner(m, img_size, Path(folder) / f'{k}.onnx') for k, m in models.items()}
+        models = {k: onnxruntime_runner(names[k], m, img_size) for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in models}
     peaks: dict[str, float] = {}
     for i in range(warmup + repeats):

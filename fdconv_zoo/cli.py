@@ -66,9 +66,10 @@ def list_models(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     """Dense vs FDConv: eval latency per batch size, a training step with peak memory, per-part breakdown."""
     from .atomic import write_json
-    from .benchmark import compare, dense_counterpart, part_breakdown
+    from .benchmark import check_backend, compare, dense_counterpart, part_breakdown
     for name in args.models:
         dense_counterpart(name)  # a dense name is refused before anything runs
+    check_backend(args.backend, 'eval', args.device, args.amp, args.compile)
     rows = []
     for name in args.models:
         for bs in args.batch_sizes:
@@ -160,9 +161,18 @@ def _load_model(spec: str, no_pretrained: bool) -> torch.nn.Module:
 
 
 def export_cmd(args: argparse.Namespace) -> int:
+    """A classifier, or a segmentation folder written by scripts/segment.py (at its crop size by default)."""
+    from pathlib import Path
+
     from .export import export
-    result = export(_load_model(args.model, args.no_pretrained), args.format, args.out, args.img_size, args.opset,
-                    check=not args.no_verify)
+    from .segment import META, load_segmenter
+    img_size = args.img_size
+    if (Path(args.model) / META).is_file():
+        model, meta = load_segmenter(args.model)
+        img_size = img_size or meta['crop_size']
+    else:
+        model = _load_model(args.model, args.no_pretrained)
+    result = export(model, args.format, args.out, img_size, args.opset, check=not args.no_verify)
     checked = ', '.join(f'{shape}: {e:.1e}' for shape, e in result['errors'].items()) or 'not checked'
     dims = ', '.join(f'{name} {r}' if isinstance(r, int) else f"{name} {r[0]}..{r[1] if r[1] != -1 else ''}"
                      for name, r in zip(('batch', 'channels', 'height', 'width'), result['input_ranges'], strict=True))
@@ -253,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--no-pretrained', action='store_true', help='a tag without its weights (random init)')
     p.set_defaults(func=analyze_cmd)
     p = sub.add_parser('export', help='torch.export program (.pt2) or ONNX model with a dynamic batch, checked')
-    p.add_argument('model', help='zoo name or tag, hf-hub: id, or a folder written by save_for_hf or a training script')
+    p.add_argument('model', help='zoo name or tag, hf-hub: id, or a folder written by save_for_hf or a training script '
+                                 '(classification or segmentation)')
     p.add_argument('--format', required=True, help='onnx or pt2')
     p.add_argument('--out', required=True, help='output file')
     p.add_argument('--img-size', type=int, nargs='+', help='input H [W] (default: the model cfg)')

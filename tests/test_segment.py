@@ -16,6 +16,7 @@ from resume_check import kill_and_resume_equals_uninterrupted
 from safetensors.torch import load_file
 from seg_data import CLASSES, mosaic, write_folder
 
+from fdconv_zoo.cli import main as cli
 from fdconv_zoo.segment import build_parser, load_segmenter, main, predict_logits, scores, train
 
 pytestmark = pytest.mark.usefixtures('fresh_accelerate_state')  # (conftest.py)
@@ -101,7 +102,7 @@ def test_killed_run_resumes_bit_identical(mosaics, tmp_path):
     assert differ == []
 
 
-def test_hub_style_dataset_slide_evaluation_fpn_and_frozen_stages(mosaics, tmp_path, hub):
+def test_hub_style_dataset_slide_evaluation_fpn_and_frozen_stages(mosaics, tmp_path, hub, capsys):
     """An HF dataset (image + annotation columns, 0 = 'other' as in scene_parse_150), sliding-window evaluation,
     FPN, and --freeze-stages 2: the stem and first two stages keep their dense weights, their KSM/FBM train."""
     rng = np.random.default_rng(3)
@@ -143,6 +144,10 @@ def test_hub_style_dataset_slide_evaluation_fpn_and_frozen_stages(mosaics, tmp_p
     assert pushed['model.safetensors'] == (tmp_path / 'run' / 'model' / 'model.safetensors').read_bytes()
     card = pushed['README.md'].decode()
     assert 'model-index' in card and 'mIoU' in card and 'load_segmenter' in card
+    # the saved folder exports as it is, at its crop size, and the program is checked against it
+    assert cli(['export', str(tmp_path / 'run' / 'model'), '--format', 'pt2', '--out', str(tmp_path / 'seg.pt2')]) == 0
+    assert '2x3x96x128' in capsys.readouterr().out  # 64 px crops, and another size: the height and width are free
+    assert (tmp_path / 'seg.pt2').is_file()
 
 
 def test_bad_input_is_one_error_naming_it(mosaics, tmp_path, capsys):

@@ -101,6 +101,9 @@ def export(model: nn.Module, fmt: str, out: str | os.PathLike, img_size: list[in
         raise ValueError(f"unknown format {fmt!r}: one of {list(FORMATS)}")
     if fmt == 'onnx' and not 18 <= opset <= 23:
         raise ValueError(f"--opset {opset}: torch.onnx.export(dynamo=True) writes opsets 18 to 23")
+    devices = {p.device.type for p in model.parameters()}
+    if devices - {'cpu'}:
+        raise ValueError(f"export traces and checks on the CPU, the model is on {sorted(devices)}: pass model.cpu()")
     model = model.eval()
     size = input_size(model, img_size)
     exported = program(model, size)

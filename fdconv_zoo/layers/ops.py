@@ -918,7 +918,7 @@ def portable_dynamic_conv(x, band_scale, spectrum, group_index, attention, taps,
             kernels = kernels * spatial.to(x.dtype).view(b, 1, k, 1, k)
         ph, pw = conv.padding
         padded = F.pad(inp, (pw, pw, ph, ph)) if ph or pw else inp
-        padded = padded.view(b, groups, cg, *padded.shape[2:])
+        padded = padded.reshape(b, groups, cg, *padded.shape[2:])
         (dh, dw), (sh, sw) = conv.dilation, conv.stride
         ho = (padded.shape[3] - dh * (k - 1) - 1) // sh + 1
         wo = (padded.shape[4] - dw * (k - 1) - 1) // sw + 1

@@ -184,6 +184,7 @@ def test_irfft2_by_matrix_products(rows, cols):
     stacked = half.movedim(-1, 1)  # (2, [re, im], rows, cols // 2 + 1)
     exact = dft.irfft2(stacked, rows, cols)
     assert ((exact - expected).abs().max() / expected.abs().max()).item() < 1e-12
+    assert torch.equal(dft.irfft2(stacked, rows, cols, transposed=True), exact.transpose(-1, -2))
     assert rel_err(dft.irfft2(stacked.float(), rows, cols), expected) < 2e-6
 
 
@@ -203,6 +204,20 @@ def test_portable_implementation_equals_the_operator(make):
             for a in _layer_inputs(layer, torch.randn(3, 16, 9, 8)).values()]
     expected = ops.dynamic_conv(*args)
     assert rel_err(ops.portable_dynamic_conv(*args), expected) < 1e-5
+
+
+def test_portable_token_path_equals_the_layer():
+    """FDLinear's tokens take the transposed product and transposed gates: the layer exported and decomposed
+    computes what the layer computes."""
+    from fdconv_zoo.layers import FDLinear
+    torch.manual_seed(0)
+    layer = FDLinear(16, 24, num_freq_groups=8).eval()
+    randomize_(layer, scale=0.3)
+    x = torch.randn(3, 7, 16)
+    program = torch.export.export(layer, (x,))
+    portable = program.run_decompositions({torch.ops.fdconv.dynamic_conv.default: ops.portable_dynamic_conv})
+    with torch.no_grad():
+        assert rel_err(portable.module()(x), layer(x)) < 1e-5
 
 
 @pytest.mark.parametrize('name', ['resnet18_fdconv', 'convnext_tiny_fdconv'])

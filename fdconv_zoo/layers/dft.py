@@ -87,13 +87,15 @@ def idft(z: Tensor, real_only: bool = False, scale: float = 1.0) -> Tensor:
     return out.reshape(*lead, n2, 2, n1, h).permute(*range(len(lead)), -3, -2, -4, -1).reshape(*lead, 2, n, h)
 
 
-def irfft2(z: Tensor, rows: int, cols: int) -> Tensor:
+def irfft2(z: Tensor, rows: int, cols: int, transposed: bool = False) -> Tensor:
     """``torch.fft.irfft2(torch.complex(z[..., 0, :, :], z[..., 1, :, :]), s=(rows, cols))`` for a half spectrum z
-    (..., 2, rows, cols // 2 + 1), by matrix products only."""
+    (..., 2, rows, cols // 2 + 1), by matrix products only; with ``transposed``, its transpose (..., cols, rows),
+    which is how the column pass leaves it (no copy)."""
     z = idft(z).transpose(-1, -2)  # along the rows, then columns first: (..., 2, cols // 2 + 1, rows)
     # along the columns, the half spectrum extended by Hermitian symmetry (bin c = conj(bin cols - c)); only the
     # real part is wanted, to which the imaginary parts of the DC and Nyquist bins do not contribute
     tail = cols - z.shape[-2]
     mirror = z[..., 1:1 + tail, :].flip(-2)
     z = torch.cat([z, torch.stack([mirror[..., 0, :, :], -mirror[..., 1, :, :]], -3)], -2)
-    return idft(z, real_only=True, scale=1.0 / (rows * cols)).transpose(-1, -2)
+    out = idft(z, real_only=True, scale=1.0 / (rows * cols))
+    return out if transposed else out.transpose(-1, -2)

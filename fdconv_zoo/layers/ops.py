@@ -895,13 +895,18 @@ def portable_dynamic_conv(x, band_scale, spectrum, group_index, attention, taps,
     k, dtype = kernel_size, fft_dtype(spectrum.dtype)
     rows, cols = _geometry(spectrum, channel, k, groups)
     b = x.shape[0]
-    scale = attention.to(dtype)[:, group_index.long().t()]  # (B, R, C/2+1)
-    product = dft.irfft2(spectrum.to(dtype).permute(2, 1, 0) * scale.unsqueeze(1), rows, cols)  # (B, R, C)
-    if taps is not None:
-        flat_taps = taps.to(dtype).reshape(taps.shape[0], -1)
-        product = product * torch.sigmoid(_local_logits(flat_taps, windows.to(dtype), rows, k, groups))
-    product = (product * _per_column(channel.to(dtype), rows, k, groups)).to(x.dtype)
     conv = _Conv(x, rows, k, groups, stride, padding, dilation, pre_pad, padding_mode)
+    scale = attention.to(dtype)[:, group_index.long().t()]  # (B, R, C/2+1)
+    # tokens (FDLinear: k = 1, one group) multiply x K^T: the transposed product (B, C, R) is then the matmul's
+    # right operand as it is, and its gates come transposed (the local logits as windows @ taps^T)
+    product = dft.irfft2(spectrum.to(dtype).permute(2, 1, 0) * scale.unsqueeze(1), rows, cols, conv.tokens)
+    if taps is not None:
+        flat_taps, windows = taps.to(dtype).reshape(taps.shape[0], -1), windows.to(dtype)
+        logits = windows @ flat_taps.t() if conv.tokens else _local_logits(flat_taps, windows, rows, k, groups)
+        product = product * torch.sigmoid(logits)
+    channel = channel.to(dtype)
+    product = (product * (channel.unsqueeze(2) if conv.tokens else _per_column(channel, rows, k, groups)))
+    product = product.to(x.dtype)
     inp = x
     if band_scale is not None:
         inp = _band_modulation_portable(x.to(dtype), band_scale.to(dtype), cutoffs).to(x.dtype)
@@ -909,7 +914,7 @@ def portable_dynamic_conv(x, band_scale, spectrum, group_index, attention, taps,
         inp = F.pad(inp, pre_pad, mode='constant' if padding_mode == 'zeros' else padding_mode)
     cout, cg = conv.out_channels, cols // k
     if conv.tokens:
-        y = torch.bmm(inp, product.transpose(1, 2))
+        y = torch.bmm(inp, product)
     else:
         # the contraction runs over (u, i, v), the order of a kernel matrix row (o, u) followed by its columns
         # (i, v): the product is the matmul's left operand as it is, and im2col stacks its taps in that order

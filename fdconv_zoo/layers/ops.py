@@ -904,9 +904,6 @@ def portable_dynamic_conv(x, band_scale, spectrum, group_index, attention, taps,
         flat_taps, windows = taps.to(dtype).reshape(taps.shape[0], -1), windows.to(dtype)
         logits = windows @ flat_taps.t() if conv.tokens else _local_logits(flat_taps, windows, rows, k, groups)
         product = product * torch.sigmoid(logits)
-    channel = channel.to(dtype)
-    product = (product * (channel.unsqueeze(2) if conv.tokens else _per_column(channel, rows, k, groups)))
-    product = product.to(x.dtype)
     inp = x
     if band_scale is not None:
         inp = _band_modulation_portable(x.to(dtype), band_scale.to(dtype), cutoffs).to(x.dtype)
@@ -914,13 +911,15 @@ def portable_dynamic_conv(x, band_scale, spectrum, group_index, attention, taps,
         inp = F.pad(inp, pre_pad, mode='constant' if padding_mode == 'zeros' else padding_mode)
     cout, cg = conv.out_channels, cols // k
     if conv.tokens:
-        y = torch.bmm(inp, product)
+        y = torch.bmm(inp, (product * channel.to(dtype).unsqueeze(2)).to(x.dtype))
     else:
         # the contraction runs over (u, i, v), the order of a kernel matrix row (o, u) followed by its columns
-        # (i, v): the product is the matmul's left operand as it is, and im2col stacks its taps in that order
-        kernels = product.view(b, cout, k, cg, k)
+        # (i, v): the product is the matmul's left operand as it is, and im2col stacks its taps in that order.
+        # The channel attention of input channel i and the spatial attention of tap (u, v) scale it in one pass.
+        factor = channel.to(dtype).view(b, groups, 1, 1, cg, 1)
         if spatial is not None:
-            kernels = kernels * spatial.to(x.dtype).view(b, 1, k, 1, k)
+            factor = factor * spatial.to(dtype).view(b, 1, 1, k, 1, k)
+        kernels = (product.view(b, groups, cout // groups, k, cg, k) * factor).to(x.dtype)
         ph, pw = conv.padding
         padded = F.pad(inp, (pw, pw, ph, ph)) if ph or pw else inp
         padded = padded.reshape(b, groups, cg, *padded.shape[2:])

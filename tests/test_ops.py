@@ -172,11 +172,12 @@ def test_empty_batch_gives_empty_output_and_zero_gradients(make, loops):
 
 
 @pytest.mark.parametrize('rows, cols', [(6, 6), (1, 5), (12, 15), (192, 96), (201, 9), (6144, 7), (1536, 1536),
-                                        (2 * 131, 4)])
+                                        (2 * 131, 4), (3 * 6144, 4), (257, 4)])
 def test_irfft2_by_matrix_products(rows, cols):
     """dft.irfft2 (the export's FFT: two stages of DFT matrices of at most 128 points, Hermitian extension along
-    the columns) equals torch.fft.irfft2 for even, odd, single-matrix, two-stage (1536 = 48 x 32, 6144 =
-    64 x 96) and unsplittable (262 = 2 x 131: one dense matrix) lengths, and stays accurate in float32."""
+    the columns) equals torch.fft.irfft2 for even, odd, single-matrix, two-stage (1536 = 32 x 48, 6144 =
+    64 x 96, 262 = 2 x 131 and 18432 = 128 x 144 with a second stage past LEAF) and prime (257: one dense
+    matrix) lengths, and stays accurate in float32."""
     from fdconv_zoo.layers import dft
     gen = torch.Generator().manual_seed(rows * cols)
     half = torch.randn(2, rows, cols // 2 + 1, 2, dtype=torch.float64, generator=gen)

@@ -15,16 +15,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-LEAF = 128  # largest factor done as one matrix: lengths up to LEAF^2 take two stages
+LEAF = 128  # largest first-stage factor; lengths up to LEAF^2 take two stages of at most LEAF points
 
 
 def split(n: int) -> tuple[int, int]:
-    """n = n2 * n1 with both factors <= LEAF and n2 nearest sqrt(n); (n, 1) for a length that is small or has no
-    such split (then one dense matrix)."""
-    factors = [d for d in range(2, LEAF + 1) if n % d == 0 and n // d <= LEAF]
+    """n = n2 * n1 with both factors <= LEAF and n2 nearest sqrt(n); past LEAF^2 the largest n2 <= LEAF (the
+    second stage's matrices grow as 4 n n1); (n, 1) for a length that is small or has no factor <= LEAF (then
+    one dense matrix)."""
+    factors = [d for d in range(2, LEAF + 1) if n % d == 0]
     if n <= LEAF or not factors:
         return n, 1
-    n2 = min(factors, key=lambda d: abs(math.log(d / math.sqrt(n))))
+    balanced = [d for d in factors if n // d <= LEAF]
+    n2 = min(balanced, key=lambda d: abs(math.log(d / math.sqrt(n)))) if balanced else max(factors)
     return n2, n // n2
 
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import FDConv2d, FDLinear
-from .layers.fdw import matrix_to_weight
+from .layers.fdw import matrix_to_weight, weight_to_matrix
 from .layers.ops import synthesize
 
 RADIAL_BINS = 48
@@ -153,8 +153,7 @@ def per_sample_kernels(layer: FDConv2d | FDLinear, x: torch.Tensor) -> tuple[tor
         view = view * att.spatial.view(b, 1, k, 1, k)
     if att.filter is not None:
         view = view * att.filter.view(b, -1, 1, 1, 1)
-    static = torch.fft.irfft2(torch.view_as_complex(fdw.spectrum.float()).t(), s=(fdw.rows, fdw.cols))
-    return view.reshape(kernels.shape), att, static
+    return view.reshape(kernels.shape), att, weight_to_matrix(fdw.static_weight())
 
 
 def sobel_edges(images: torch.Tensor, size: tuple[int, int], quantile: float = 0.8) -> torch.Tensor:

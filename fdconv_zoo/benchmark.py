@@ -254,25 +254,21 @@ def check_backend(backend: str, mode: str, device: str | torch.device, amp: bool
                          "cuda, --amp or --compile)")
 
 
-_sessions: dict[tuple[str, int], Any] = {}
+_sessions: dict[tuple[str, int], Callable[[torch.Tensor], torch.Tensor]] = {}
 
 
 def onnxruntime_runner(name: str, model: nn.Module, img_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """``model`` (architecture ``name``, made with compare's seed) exported to ONNX with a dynamic batch and run
     by onnxruntime's CPU provider, as a callable on tensors. Not checked here (the export command checks); one
     session per architecture and size, reused across batch sizes."""
-    import onnxruntime as ort
-
-    from .export import export
-    session = _sessions.get((name, img_size))
-    if session is None:
+    from .export import export, runner
+    run = _sessions.get((name, img_size))
+    if run is None:
         with tempfile.TemporaryDirectory() as folder:  # the session keeps what it loaded
             path = Path(folder) / 'model.onnx'
             export(model, 'onnx', path, img_size=[img_size], check=False)
-            session = _sessions[(name, img_size)] = ort.InferenceSession(str(path),
-                                                                         providers=['CPUExecutionProvider'])
-    input_name = session.get_inputs()[0].name
-    return lambda x: torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
+            run = _sessions[(name, img_size)] = runner('onnx', path)
+    return run
 
 
 def compare(fd_name: str, mode: str, batch_size: int, img_size: int, repeats: int = 5, warmup: int = 1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,9 @@ def input_ranges(exported: torch.export.ExportedProgram) -> list[tuple[int, int]
     return ranges
 
 
-def _runner(fmt: str, path: Path):
+def runner(fmt: str, path: str | os.PathLike) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An exported file as a callable on tensors: the program by torch, the ONNX model by onnxruntime's CPU
+    provider."""
     if fmt == 'pt2':
         module = torch.export.load(str(path)).module()
         return lambda x: module(x)
@@ -80,7 +83,7 @@ def check_shapes(size: tuple[int, int], ranges: list) -> list[tuple[int, ...]]:
 def verify(model: nn.Module, fmt: str, path: Path, shapes: list[tuple[int, ...]], seed: int = 0) -> dict[str, float]:
     """Largest difference relative to the largest eager output, per input shape ('BxCxHxW'), of the exported
     file run (the program by torch, the ONNX model by onnxruntime's CPU provider) against eager PyTorch."""
-    run = _runner(fmt, path)
+    run = runner(fmt, path)
     gen = torch.Generator().manual_seed(seed)
     errors = {}
     for shape in shapes:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .constants import cached_constant
+
 LEAF = 128  # largest first-stage factor; lengths up to LEAF^2 take two stages of at most LEAF points
 
 
@@ -53,20 +55,11 @@ def _stages(n: int, real_only: bool, scale: float) -> tuple[np.ndarray, ...]:
     return first, scale * _complex_blocks(np.cos(angle), np.sin(angle), real_only)
 
 
-_cache: dict[tuple, tuple[Tensor, ...]] = {}
-
-
 def _matrices(n: int, real_only: bool, scale: float, like: Tensor) -> tuple[Tensor, ...]:
-    """_stages as tensors in like's dtype and device: constants made outside any tracing mode, so that a traced
-    graph holds them as plain tensors and eager calls can reuse the cache."""
-    key = (n, real_only, scale, like.dtype, str(like.device))
-    entry = _cache.get(key)
-    if entry is None:
-        from torch.utils._python_dispatch import _disable_current_modes
-        with _disable_current_modes():
-            entry = tuple(torch.from_numpy(m).to(like.device, like.dtype) for m in _stages(n, real_only, scale))
-            entry = _cache.setdefault(key, entry)
-    return entry
+    """_stages as tensors in like's dtype and device (cached constants of a traced graph)."""
+    return cached_constant(
+        ('dft', n, real_only, scale, like.dtype, str(like.device)),
+        lambda: tuple(torch.from_numpy(m).to(like.device, like.dtype) for m in _stages(n, real_only, scale)))
 
 
 def idft(z: Tensor, real_only: bool = False, scale: float = 1.0) -> Tensor:

@@ -29,6 +29,7 @@ from torch.profiler import record_function
 from torch.utils.flop_counter import register_flop_formula
 
 from . import dft, native
+from .constants import cached_constant
 
 
 def fft_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,7 +104,12 @@ def kept_frequencies(length: int, cutoffs: tuple[int, ...]) -> tuple[int, ...]:
     # numpy, bit for bit what torch.fft.fftfreq(length, dtype=float32) gives (float32 index x float32(1/length)),
     # so that the bases stay plain constants inside a traced or exported graph
     freq = np.arange(length // 2 + 1, dtype=np.float32) * np.float32(1.0 / length)
-    return tuple(int((freq < np.float32(0.5 / kappa + 1e-8)).sum()) for kappa in cutoffs)
+    return tuple(int((freq < _cutoff_frequency(kappa)).sum()) for kappa in cutoffs)
+
+
+def _cutoff_frequency(kappa: int) -> np.float32:
+    """The reference's float32 cut-off: frequencies |f| below it pass the low-pass of kappa."""
+    return np.float32(0.5 / kappa + 1e-8)
 
 
 @lru_cache(maxsize=64)
@@ -123,25 +129,17 @@ def _fourier_basis_cpu(length: int, cutoffs: tuple[int, ...]) -> tuple[Tensor, t
     return torch.from_numpy(np.stack(columns, 1)), ranks
 
 
-_basis_cache: dict[tuple, tuple[Tensor, tuple[int, ...]]] = {}
-
-
 def fourier_basis(length: int, cutoffs: tuple[int, ...], device: torch.device,
                   dtype: torch.dtype) -> tuple[Tensor, tuple[int, ...]]:
     """Basis Q (length, r) and, per cut-off, how many of its leading columns span the kept frequencies.
 
-    Q[:, :rank] Q[:, :rank]^T is the exact low-pass projection of one axis; cached per length, device, dtype.
+    Q[:, :rank] Q[:, :rank]^T is the exact low-pass projection of one axis; cached per length, device, dtype
+    (constants of a traced graph).
     """
-    key = (length, tuple(cutoffs), str(device), dtype)
-    entry = _basis_cache.get(key)
-    if entry is None:
-        # made outside any tracing mode (fake, proxy, functional): real tensors, the constants of a traced graph,
-        # and safe to cache for eager calls after an export
-        from torch.utils._python_dispatch import _disable_current_modes
-        with _disable_current_modes():
-            basis, ranks = _fourier_basis_cpu(length, tuple(cutoffs))
-            entry = _basis_cache.setdefault(key, (basis.to(device=device, dtype=dtype), ranks))
-    return entry
+    def make() -> tuple[Tensor, tuple[int, ...]]:
+        basis, ranks = _fourier_basis_cpu(length, tuple(cutoffs))
+        return basis.to(device=device, dtype=dtype), ranks
+    return cached_constant(('fourier_basis', length, tuple(cutoffs), str(device), dtype), make)
 
 
 # ---- band modulation (FBM) --------------------------------------------------------------------------------------
@@ -178,13 +176,14 @@ def _band_modulation(x: Tensor, band_scale: Tensor, cutoffs: list[int]) -> Tenso
         work = _scratch('fbm.work', native.workspace_floats(2, h, w, max(ranks_h), max(ranks_w), len(cutoffs)))
         return native.band_modulation(x.contiguous(), band_scale.contiguous(), basis_h, tuple(ranks_h), basis_w,
                                       tuple(ranks_w), work)
-    return _band_modulation_torch(x, band_scale, cutoffs)
+    return _combine_bands(x, band_scale, _low_passes(x, cutoffs))
 
 
-def _band_modulation_torch(x: Tensor, band_scale: Tensor, cutoffs: list[int]) -> Tensor:
+def _combine_bands(x: Tensor, band_scale: Tensor, lows: list[Tensor]) -> Tensor:
+    """A_1 x + sum_j W_j LP_j x from the low passes LP_j x."""
     weight = _band_weights(band_scale)
     out = band_scale[:, :1] * x
-    for j, low in enumerate(_low_passes(x, cutoffs)):  # out of place: export decompositions must stay functional
+    for j, low in enumerate(lows):  # out of place: export decompositions must stay functional
         out = torch.addcmul(out, weight[:, j:j + 1], low)
     return out
 
@@ -204,7 +203,7 @@ def _low_pass_projections(n: int, cutoffs: list[int], like: Tensor) -> list[Tens
     offset = torch.remainder(j.unsqueeze(1) - j, length)
     projections = []
     for kappa in cutoffs:
-        kept = (freq < np.float32(0.5 / kappa + 1e-8)).to(like.dtype)
+        kept = (freq < _cutoff_frequency(kappa)).to(like.dtype)
         projections.append((cos @ kept / length.to(like.dtype))[offset])
     return projections
 
@@ -212,13 +211,9 @@ def _low_pass_projections(n: int, cutoffs: list[int], like: Tensor) -> list[Tens
 def _band_modulation_portable(x: Tensor, band_scale: Tensor, cutoffs: list[int]) -> Tensor:
     """FBM with the projections made in the graph (_low_pass_projections): for exports, where the spatial size
     may be symbolic. Full (n, n) projections cost more than the bases' few columns; only exports pay it."""
-    weight = _band_weights(band_scale)
-    out = band_scale[:, :1] * x
     h, w = x.shape[-2:]
-    for j, (proj_h, proj_w) in enumerate(zip(_low_pass_projections(h, cutoffs, x),
-                                             _low_pass_projections(w, cutoffs, x), strict=True)):
-        out = torch.addcmul(out, weight[:, j:j + 1], proj_h @ x @ proj_w)
-    return out
+    return _combine_bands(x, band_scale, [proj_h @ x @ proj_w for proj_h, proj_w in zip(
+        _low_pass_projections(h, cutoffs, x), _low_pass_projections(w, cutoffs, x), strict=True)])
 
 
 def _band_modulation_backward(grad: Tensor, x: Tensor, band_scale: Tensor, cutoffs: list[int]) -> tuple[Tensor, Tensor]:

@@ -1,10 +1,11 @@
 """fdconv_zoo: Frequency Dynamic Convolution (FDConv, CVPR 2025) layers and timm models."""
 from .conversion import convert_to_fdconv, load_reference_checkpoint, reference_gate
+from .hub import save_for_hf
 from .layers import FDConv2d, FDLinear
 from .models import FDConvNeXt, FDResNet, FDSwinTransformer
 
 __version__ = '0.1.0'
 __all__ = [
     'FDConv2d', 'FDConvNeXt', 'FDLinear', 'FDResNet', 'FDSwinTransformer', '__version__', 'convert_to_fdconv',
-    'load_reference_checkpoint', 'reference_gate',
+    'load_reference_checkpoint', 'reference_gate', 'save_for_hf',
 ]

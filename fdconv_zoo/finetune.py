@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 
 from . import models as _models  # noqa: F401  registers the FDConv families
 from .atomic import atomic_dir, write_json
-from .hub import describe_origin
+from .hub import write_hf_files
+from .models._fdconv import describe_origin
 from .training import (
     SeededRows,
     add_common_arguments,
@@ -252,8 +253,7 @@ def _export(model: nn.Module, folder: Path, names: list[str], data_config: dict,
         describe_origin(model, f"trained with fdconv_zoo.finetune from random initialisation ({args.model} "
                                f"architecture, no pretrained weights)", derived=False)
     with atomic_dir(folder, replace=True) as tmp:
-        timm.models.save_for_hf(model, tmp, model_config={'label_names': names}, safe_serialization=True,
-                                data_config=data_config)
+        write_hf_files(model, tmp, model_config={'label_names': names}, data_config=data_config)
         write_json(tmp / 'results.json', {k: v for k, v in results.items() if k != 'train_loss'})
 
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from . import models as _models  # noqa: F401  registers the FDConv families
 from .atomic import atomic_dir
 from .layers.reference import check_keys_and_shapes
-from .models._fdconv import FDCONV_PAPER, fdconv_checkpoint_filter
+from .models._fdconv import FDCONV_PAPER, describe_origin, fdconv_checkpoint_filter
 
 ORG_ENV = 'FDCONV_ZOO_ORG'
 DEFAULT_ORG = 'fdconv-zoo'
@@ -69,6 +69,31 @@ def _output_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
             yield tmp
     except FileExistsError as e:
         raise HubError(str(e)) from None
+
+
+def hf_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A timm config.json that transformers' TimmWrapper also builds: ``num_classes`` only at the root. timm's
+    save_for_hf also writes it into ``model_args``, which TimmWrapper passes beside its own ``num_classes`` (a
+    TypeError for every timm model); timm reads the root value either way."""
+    model_args = {k: v for k, v in config.get('model_args', {}).items() if k != 'num_classes'}
+    config = {k: v for k, v in config.items() if k != 'model_args'}
+    return {**config, 'model_args': model_args} if model_args else config
+
+
+def write_hf_files(model: torch.nn.Module, folder: Path, **kwargs: Any) -> None:
+    """timm's ``save_for_hf`` (safetensors) into ``folder`` with the config.json made by :func:`hf_config`."""
+    timm.models.save_for_hf(model, folder, safe_serialization=True, **kwargs)
+    path = folder / CONFIG
+    path.write_text(json.dumps(hf_config(json.loads(path.read_text())), indent=2))
+
+
+def save_for_hf(model: torch.nn.Module, folder: str | os.PathLike, **kwargs: Any) -> Path:
+    """timm's ``save_for_hf``, written atomically (replacing ``folder``), whose folder loads in timm
+    (``local-dir:``, ``hf-hub:``) and in transformers (``AutoModelForImageClassification``, ``pipeline``).
+    ``kwargs`` go to timm's (``model_config``, ``model_args``, ``data_config``)."""
+    with atomic_dir(folder, replace=True) as tmp:
+        write_hf_files(model, tmp, **kwargs)
+    return Path(folder)
 
 
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
@@ -194,18 +219,6 @@ def _check_arch(arch: str) -> None:
         raise HubError(f"{arch!r} is not an fdconv_zoo architecture (one of {timm.list_models('*_fdconv')})")
 
 
-def describe_origin(model: torch.nn.Module, note: str, derived: bool = True) -> None:
-    """Make the provenance that save_for_hf will write say what happened to these weights (``note``) instead of
-    naming the tag the model was created with (its name, Hub id and notes belong to other weights). Weights
-    ``derived`` from that tag's keep its license; weights trained from scratch do not."""
-    dropped = {'tag', 'hf_hub_id', 'url', 'file', 'notes', 'origin_url'} | (set() if derived else {'license'})
-    cfg = {k: v for k, v in dict(model.pretrained_cfg).items() if k not in dropped}
-    cfg['notes'] = (note,)
-    if not derived:
-        cfg['paper_ids'] = FDCONV_PAPER
-    model.pretrained_cfg = cfg
-
-
 def convert(source: str, out_dir: str | os.PathLike, arch: str | None = None, **fdconv_options: Any) -> Path:
     """Dense timm checkpoint -> FDConv checkpoint folder (model.safetensors + config.json, save_for_hf layout).
     The converted model reproduces the dense one exactly at step 0."""
@@ -224,8 +237,7 @@ def convert(source: str, out_dir: str | os.PathLike, arch: str | None = None, **
     describe_origin(model, f'FDConv layers converted from the dense checkpoint {source}; equal to it at step 0.',
                     derived=False)  # the source's own cfg (license, data config) is what applies
     with _output_dir(out_dir) as tmp:
-        timm.models.save_for_hf(model, tmp, model_config={'pretrained_cfg': cfg}, model_args=dict(fdconv_options),
-                                safe_serialization=True)
+        write_hf_files(model, tmp, model_config={'pretrained_cfg': cfg}, model_args=dict(fdconv_options))
     return Path(out_dir)
 
 
@@ -335,8 +347,9 @@ def push(folder: str | os.PathLike, repo_id: str, org: str | None = None, privat
     repo_id = full_repo_id(repo_id, org)
     if card is None:
         card = (folder / CARD).read_text() if (folder / CARD).is_file() else model_card(folder, repo_id, model)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
-                  for name in (WEIGHTS, CONFIG)]
+    config = hf_config(json.loads((folder / CONFIG).read_text()))  # a folder timm wrote itself loads too
+    operations = [CommitOperationAdd(path_in_repo=WEIGHTS, path_or_fileobj=str(folder / WEIGHTS)),
+                  CommitOperationAdd(path_in_repo=CONFIG, path_or_fileobj=json.dumps(config, indent=2).encode())]
     operations.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card.encode()))
     api = HfApi()
     try:

@@ -131,6 +131,19 @@ class FourierDisjointWeight(nn.Module):
         self.group_index = group.t().to(index_dtype).contiguous()
         self._group_key = None if group.is_meta else (group.data_ptr(), group._version)
 
+    @torch.no_grad()
+    def init_non_persistent_buffers(self) -> None:
+        """Rebuild ``group_index`` after a meta-device build (timm's and transformers' convention). Where
+        ``group_of_bin`` is not loaded yet (memory left by ``to_empty``), the index is made safe (group 0) and
+        marked stale: the next eager forward checks the map again and refuses it if it is still bad."""
+        if self.group_of_bin.is_meta:
+            return
+        try:
+            self._refresh_group_index()
+        except ValueError:
+            self.group_index = torch.zeros_like(self.group_index, device=self.group_of_bin.device)
+            self._group_key = None
+
     def indices(self) -> torch.Tensor:
         """``group_index`` for the operators; in eager mode a ``group_of_bin`` changed in place since it was
         checked is checked again first (and refused at forward if it went bad)."""

@@ -62,16 +62,24 @@ class KSMGlobal(nn.Module):
         self.filter_fc = nn.Linear(hidden, out_channels, **dd) if filter_attention else None
         self.spatial_fc = nn.Linear(hidden, kernel_size * kernel_size, **dd) if kernel_size > 1 else None
         self.kernel_fc = nn.Linear(hidden, num_groups, **dd)
-        # per output of the four heads taken as one: the temperature before the sigmoid, the factor after it
-        attention = sum(h.out_features for h in self.heads()[:-1])
-        self.register_buffer('head_temperature', torch.tensor(
-            [temperature] * attention + [kernel_temperature] * num_groups, **dd), persistent=False)
-        self.register_buffer('head_scale', torch.tensor([att_multi] * attention + [2.0] * num_groups, **dd),
-                             persistent=False)
+        self.register_buffer('head_temperature', torch.empty(0, **dd), persistent=False)
+        self.register_buffer('head_scale', torch.empty(0, **dd), persistent=False)
+        self.init_non_persistent_buffers()
         self.reset_parameters()
 
     def heads(self) -> list[nn.Linear]:
         return [h for h in (self.channel_fc, self.filter_fc, self.spatial_fc, self.kernel_fc) if h is not None]
+
+    @torch.no_grad()
+    def init_non_persistent_buffers(self) -> None:
+        """Per output of the four heads taken as one: the temperature before the sigmoid and the factor after it.
+        Derived from the options, so not saved; timm and transformers call this after building on the meta
+        device (``to_empty`` leaves the buffers uninitialised)."""
+        attention = sum(h.out_features for h in self.heads()[:-1])
+        groups = self.kernel_fc.out_features
+        dd = {'device': self.head_scale.device, 'dtype': self.head_scale.dtype}
+        self.head_temperature = torch.tensor([self.temperature] * attention + [self.kernel_temperature] * groups, **dd)
+        self.head_scale = torch.tensor([self.att_multi] * attention + [2.0] * groups, **dd)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

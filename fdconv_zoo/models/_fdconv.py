@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.models import get_pretrained_cfg
+from timm.models import build_model_with_cfg, get_pretrained_cfg
 
 from ..layers import FDConv2d, FDLinear
 from ..layers.fdconv import check_options
@@ -73,6 +73,29 @@ def chain_filters(*filters: Callable | None) -> Callable:
                 state_dict = f(state_dict, model)
         return state_dict
     return run
+
+
+def build_fdconv_model(cls: type[nn.Module], variant: str, pretrained: bool, family_filter: Callable | None = None,
+                       **kwargs: Any) -> nn.Module:
+    """timm's build_model_with_cfg with the FDConv pretrained filter after the family's own. A model built without
+    weights says so in its pretrained_cfg (save_for_hf writes it), not the default tag's provenance."""
+    model = build_model_with_cfg(cls, variant, pretrained,
+                                 pretrained_filter_fn=chain_filters(family_filter, fdconv_checkpoint_filter), **kwargs)
+    if not pretrained:
+        describe_origin(model, f'{variant} randomly initialised (no pretrained weights loaded)', derived=False)
+    return model
+
+
+def describe_origin(model: nn.Module, note: str, derived: bool = True) -> None:
+    """Make the provenance that save_for_hf will write say what happened to these weights (``note``) instead of
+    naming the tag the model was created with (its name, Hub id and notes belong to other weights). Weights
+    ``derived`` from that tag's keep its license; weights trained from scratch do not."""
+    dropped = {'tag', 'hf_hub_id', 'url', 'file', 'notes', 'origin_url'} | (set() if derived else {'license'})
+    cfg = {k: v for k, v in dict(model.pretrained_cfg).items() if k not in dropped}
+    cfg['notes'] = (note,)
+    if not derived:
+        cfg['paper_ids'] = FDCONV_PAPER
+    model.pretrained_cfg = cfg
 
 
 def dense_tag_cfg(dense_name: str, **overrides: Any) -> dict[str, Any]:

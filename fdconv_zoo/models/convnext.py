@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt, checkpoint_filter_fn
 
 from ..conversion import convert_to_fdconv
-from ._fdconv import chain_filters, dense_tag_cfg, fdconv_checkpoint_filter, pop_fdconv_options
+from ._fdconv import build_fdconv_model, dense_tag_cfg, pop_fdconv_options
 
 __all__ = ['FDConvNeXt']
 
@@ -29,9 +29,8 @@ class FDConvNeXt(ConvNeXt):
 
 
 def _create_fdconvnext(variant: str, pretrained: bool = False, **kwargs: Any) -> FDConvNeXt:
-    return build_model_with_cfg(
-        FDConvNeXt, variant, pretrained,
-        pretrained_filter_fn=chain_filters(checkpoint_filter_fn, fdconv_checkpoint_filter),
+    return build_fdconv_model(
+        FDConvNeXt, variant, pretrained, checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
         **kwargs)
 

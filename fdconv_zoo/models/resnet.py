@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..conversion import convert_to_fdconv
-from ._fdconv import chain_filters, dense_tag_cfg, fdconv_checkpoint_filter, pop_fdconv_options
+from ._fdconv import build_fdconv_model, dense_tag_cfg, pop_fdconv_options
 
 __all__ = ['FDResNet']
 
@@ -30,8 +30,7 @@ class FDResNet(ResNet):
 
 
 def _create_fdresnet(variant: str, pretrained: bool = False, **kwargs: Any) -> FDResNet:
-    return build_model_with_cfg(
-        FDResNet, variant, pretrained, pretrained_filter_fn=chain_filters(fdconv_checkpoint_filter), **kwargs)
+    return build_fdconv_model(FDResNet, variant, pretrained, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
 
 from ..conversion import convert_to_fdconv
-from ._fdconv import chain_filters, dense_tag_cfg, fdconv_checkpoint_filter, pop_fdconv_options
+from ._fdconv import build_fdconv_model, dense_tag_cfg, pop_fdconv_options
 
 __all__ = ['FDSwinTransformer']
 
@@ -27,9 +27,8 @@ class FDSwinTransformer(SwinTransformer):
 def _create_fdswin(variant: str, pretrained: bool = False, **kwargs: Any) -> FDSwinTransformer:
     default_out_indices = tuple(i for i, _ in enumerate(kwargs.get('depths', (1, 1, 3, 1))))
     out_indices = kwargs.pop('out_indices', default_out_indices)
-    return build_model_with_cfg(
-        FDSwinTransformer, variant, pretrained,
-        pretrained_filter_fn=chain_filters(checkpoint_filter_fn, fdconv_checkpoint_filter),
+    return build_fdconv_model(
+        FDSwinTransformer, variant, pretrained, checkpoint_filter_fn,
         feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
         **kwargs)
 

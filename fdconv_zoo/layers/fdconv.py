@@ -168,6 +168,13 @@ class _FrequencyDynamicLayer(nn.Module):
         # the local branch's factor att_multi * sigmoid(L)
         return att, self.ksm_local.taps(), self.ksm_local(pooled), att.channel * self.att_multi
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script calls this on every module first: one clear error instead of a failure deep inside."""
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be compiled by TorchScript (deprecated in PyTorch; it cannot script the "
+            "fdconv operators): use torch.compile, torch.export (fdconv-zoo export --format pt2) or ONNX "
+            "(fdconv-zoo export --format onnx) instead")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         x = self._tokens(x)

@@ -4,10 +4,12 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from timm.models import build_model_with_cfg, get_pretrained_cfg
 
 from ..layers import FDConv2d, FDLinear
@@ -79,11 +81,25 @@ def build_fdconv_model(cls: type[nn.Module], variant: str, pretrained: bool, fam
                        **kwargs: Any) -> nn.Module:
     """timm's build_model_with_cfg with the FDConv pretrained filter after the family's own. A model built without
     weights says so in its pretrained_cfg (save_for_hf writes it), not the default tag's provenance."""
-    model = build_model_with_cfg(cls, variant, pretrained,
-                                 pretrained_filter_fn=chain_filters(family_filter, fdconv_checkpoint_filter), **kwargs)
+    try:
+        model = build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=chain_filters(
+            family_filter, fdconv_checkpoint_filter), **kwargs)
+    except SafetensorError as e:  # safetensors' own message names no file
+        raise ValueError(f"{_weights_source(variant, kwargs.get('pretrained_cfg'))} is not a readable safetensors "
+                         f"file ({e})") from None
     if not pretrained:
         describe_origin(model, f'{variant} randomly initialised (no pretrained weights loaded)', derived=False)
     return model
+
+
+def _weights_source(variant: str, cfg: Any) -> str:
+    """Where the weights of a build come from, for an error: the local file, or the Hub repo and file."""
+    if isinstance(cfg, dict) and cfg.get('file'):  # local-dir: gives the folder
+        path = Path(cfg['file'])
+        return str(path / 'model.safetensors' if (path / 'model.safetensors').is_file() else path)
+    if isinstance(cfg, dict) and cfg.get('hf_hub_id'):
+        return f"hf-hub:{cfg['hf_hub_id']} ({cfg.get('hf_hub_filename') or 'model.safetensors'})"
+    return f"the pretrained weights of {variant}" + (f".{cfg}" if isinstance(cfg, str) else '')
 
 
 def describe_origin(model: nn.Module, note: str, derived: bool = True) -> None:

@@ -25,6 +25,7 @@ from .hub import push_folder
 from .training import (
     SeededRows,
     add_common_arguments,
+    fit_warmup,
     loggable_config,
     make_accelerator,
     make_loader,
@@ -44,7 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description='Train a detector on an FDConv backbone (run under `accelerate launch`).')
     add_common_arguments(p, model='resnet50_fdconv.a1_in1k', lr=0.02, weight_decay=1e-4, epochs=12, batch_size=2,
                          output_dir='runs/detect')
-    p.set_defaults(freeze_stages=1)  # the stem and the first stage, as in the paper's (mmdet's) ResNet setting
+    # torchvision's convention: with backbone weights BatchNorm frozen and the stem and first stage frozen (the
+    # paper's, mmdet's ResNet setting); from scratch everything trains and BatchNorm is live
+    p.set_defaults(freeze_stages=None)
+    p.add_argument('--frozen-bn', action=argparse.BooleanOptionalAction, default=None,
+                   help='BatchNorm of the backbone frozen (default: with --pretrained)')
+    p.add_argument('--sync-bn', action=argparse.BooleanOptionalAction, default=None,
+                   help='synchronized live BatchNorm (default: on with several GPU processes)')
     p.add_argument('--detector', default='faster_rcnn', help=f'one of {list(DETECTORS)}')
     p.add_argument('--train-ann', help='COCO-format annotation JSON of the training images')
     p.add_argument('--train-images', help='folder the training annotation file names refer to')
@@ -56,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--val-split', default='validation')
     p.add_argument('--min-size', type=int, default=800, help="torchvision's resize: shorter side")
     p.add_argument('--max-size', type=int, default=1333, help="torchvision's resize: longer side at most")
-    p.add_argument('--warmup-iters', type=int, default=500, help='linear warmup (added to --warmup-epochs)')
+    p.add_argument('--warmup-iters', type=int, default=500,
+                   help='linear warmup (added to --warmup-epochs; at most a quarter of the run)')
     p.add_argument('--momentum', type=float, default=0.9)
     p.add_argument('--fpn-channels', type=int, default=256)
     p.add_argument('--rois-per-image', type=int, default=512, help='box head samples per image in training')
@@ -224,7 +232,8 @@ class TimmFPN(nn.Module):
 
 
 def build_detector(config: dict[str, Any], pretrained: bool = False) -> nn.Module:
-    """Faster or Mask R-CNN from a config (as saved beside the weights); BatchNorm in the backbone frozen."""
+    """Faster or Mask R-CNN from a config (as saved beside the weights); BatchNorm in the backbone frozen when
+    ``frozen_bn`` (configs from before the option had it always frozen)."""
     from timm.layers import freeze_batch_norm_2d
     from torchvision.models.detection import FasterRCNN, MaskRCNN
     if config['detector'] not in DETECTORS:
@@ -232,7 +241,8 @@ def build_detector(config: dict[str, Any], pretrained: bool = False) -> nn.Modul
     if not timm.is_model(config['backbone'].split('.')[0]):
         raise ValueError(f"unknown backbone {config['backbone']!r}: not a timm or fdconv_zoo model")
     backbone = TimmFPN(config['backbone'], pretrained, config['model_kwargs'], config['fpn_channels'])
-    backbone.body = freeze_batch_norm_2d(backbone.body)
+    if config.get('frozen_bn', True):
+        backbone.body = freeze_batch_norm_2d(backbone.body)
     cls = MaskRCNN if config['detector'] == 'mask_rcnn' else FasterRCNN
     return cls(backbone, num_classes=len(config['label_names']) + 1, min_size=config['min_size'],
                max_size=config['max_size'], image_mean=config['mean'], image_std=config['std'],
@@ -349,10 +359,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     config = {'detector': args.detector, 'backbone': args.model, 'model_kwargs': parse_model_kwargs(args.model_kwargs),
               'fpn_channels': args.fpn_channels, 'rois_per_image': args.rois_per_image, 'label_names': names,
               'min_size': args.min_size, 'max_size': args.max_size,
+              'frozen_bn': args.pretrained if args.frozen_bn is None else args.frozen_bn,
               'mean': list(mean_std.get('mean', (0.485, 0.456, 0.406))),
               'std': list(mean_std.get('std', (0.229, 0.224, 0.225)))}
     model = build_detector(config, pretrained=args.pretrained)
+    if args.freeze_stages is None:
+        args.freeze_stages = 1 if args.pretrained else 0
     select_trainable(model.backbone.body, args)
+    sync_bn = args.sync_bn if args.sync_bn is not None else (accelerator.num_processes > 1
+                                                              and accelerator.device.type == 'cuda')
+    if sync_bn and not config['frozen_bn']:
+        model.backbone.body = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone.body)
     masks = args.detector == 'mask_rcnn'
     train_loader = make_loader(SeededRows(train_records, lambda r, _: example(r, masks, flip=True), args.seed),
                                args.batch_size, True, args.workers, args.seed, _as_lists)
@@ -365,7 +382,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
     total = args.max_steps or updates_per_epoch * args.epochs
-    warmup = args.warmup_iters + int(args.warmup_epochs * updates_per_epoch)
+    warmup = fit_warmup(accelerator, args.warmup_iters + int(args.warmup_epochs * updates_per_epoch), total,
+                        '--warmup-iters/--warmup-epochs')
     scheduler = MultiStepLRScheduler(  # the 1x schedule: x0.1 at 8/12 and 11/12 of the run
         optimizer, decay_t=[round(total * 8 / 12), round(total * 11 / 12)], decay_rate=0.1, warmup_t=warmup,
         warmup_lr_init=lr * 1e-3, t_in_epochs=False)

@@ -16,7 +16,6 @@ import torch.nn as nn
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
@@ -30,6 +29,7 @@ from .training import (
     loggable_config,
     make_accelerator,
     make_loader,
+    make_scheduler,
     parse_model_kwargs,
     resume,
     run_main,
@@ -192,10 +192,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                     momentum=args.momentum, layer_decay=args.layer_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
-        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
-    accelerator.register_for_checkpointing(scheduler)
+    scheduler = make_scheduler(accelerator, optimizer, args, updates_per_epoch,
+                               args.max_steps or updates_per_epoch * args.epochs, sched=args.sched)
     ema = None
     if args.model_ema:
         ema = ModelEmaV3(accelerator.unwrap_model(model), decay=args.model_ema_decay)

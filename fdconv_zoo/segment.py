@@ -28,6 +28,7 @@ from .training import (
     loggable_config,
     make_accelerator,
     make_loader,
+    make_scheduler,
     parse_model_kwargs,
     resume,
     run_main,
@@ -64,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--label-names', help='text file, one class name per line')
     p.add_argument('--ignore-index', type=int, default=255)
     p.add_argument('--crop-size', type=int, nargs='+', default=[512, 512], help='training crop, H [W]')
-    p.add_argument('--scale', type=int, nargs=2, default=[512, 2048], metavar=('H', 'W'),
-                   help='images are resized to fit this (times a random ratio) before cropping')
+    p.add_argument('--scale', type=int, nargs=2, default=None, metavar=('H', 'W'),
+                   help='images are resized to fit this (times a random ratio) before cropping; default: the crop '
+                        "height by 4x the crop width (mmseg's 512 x 2048 for a 512 crop)")
     p.add_argument('--ratio-range', type=float, nargs=2, default=[0.5, 2.0])
     p.add_argument('--eval-mode', choices=['whole', 'slide'], default='whole')
     p.add_argument('--stride', type=int, nargs='+', default=None, help='slide window stride (default 2/3 crop)')
@@ -183,7 +185,7 @@ def transforms(args: argparse.Namespace, mean, std):
     from torchvision.transforms import v2
     crop = _hw(args.crop_size)
     train = v2.Compose([
-        v2.ScaleJitter(target_size=tuple(args.scale), scale_range=tuple(args.ratio_range), antialias=True),
+        v2.ScaleJitter(target_size=tuple(resize_scale(args)), scale_range=tuple(args.ratio_range), antialias=True),
         v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: args.ignore_index}),
         v2.RandomHorizontalFlip(),
         v2.RandomPhotometricDistort(),
@@ -198,6 +200,15 @@ def transforms(args: argparse.Namespace, mean, std):
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
     return (lambda image, labels: apply(train, image, labels)), (lambda image, labels: apply(evaluation, image,
                                                                                             labels))
+
+
+def resize_scale(args: argparse.Namespace) -> list[int]:
+    """--scale, else the crop's height by 4x its width: mmseg's ADE20K (2048, 512) for a 512 crop, and for any
+    crop the images are resized around the size they are cropped (and evaluated) at."""
+    if args.scale:
+        return list(args.scale)
+    h, w = _hw(args.crop_size)
+    return [h, 4 * w]
 
 
 def _hw(values: list[int]) -> list[int]:
@@ -377,15 +388,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                              _stack)
 
     from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
     optimizer = create_optimizer_v2(model, opt='adamw', lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched='poly', num_epochs=args.epochs, decay_rate=args.poly_power, warmup_epochs=args.warmup_epochs,
-        min_lr=args.min_lr, warmup_lr=args.lr * 1e-3 if args.warmup_epochs else 0, step_on_epochs=False,
-        updates_per_epoch=updates_per_epoch)
-    accelerator.register_for_checkpointing(scheduler)
+    scheduler = make_scheduler(accelerator, optimizer, args, updates_per_epoch,
+                               args.max_steps or updates_per_epoch * args.epochs, sched='poly',
+                               decay_rate=args.poly_power, warmup_lr=args.lr * 1e-3 if args.warmup_epochs else 0)
     criterion = nn.CrossEntropyLoss(ignore_index=ignore)
 
     def loss_fn(model: nn.Module, batch) -> torch.Tensor:

@@ -305,5 +305,30 @@ def run_main(name: str, parser: argparse.ArgumentParser, train: Callable[[argpar
     return 0
 
 
+def fit_warmup(accelerator, warmup: int, total: int, flag: str) -> int:
+    """Updates of warmup for a run of ``total`` updates: at most a quarter of the run (a recipe's warmup given
+    in iterations, e.g. detection's 500, would otherwise be most or all of a small dataset's run), with one
+    line saying so when it is shortened."""
+    limit = total // 4
+    if warmup <= limit:
+        return warmup
+    accelerator.print(f"warning: {flag} gives {warmup} warmup updates for a run of {total}; using {limit} "
+                      f"(a quarter of the run)")
+    return limit
+
+
+def make_scheduler(accelerator, optimizer, args: argparse.Namespace, updates_per_epoch: int, total: int,
+                   **kwargs: Any):
+    """timm's ``create_scheduler_v2`` stepped per update over the run's ``total`` updates (``--max-steps``, else
+    the epochs), its warmup fitted to the run (:func:`fit_warmup`); registered for checkpointing."""
+    from timm.scheduler import create_scheduler_v2
+    warmup = fit_warmup(accelerator, round(args.warmup_epochs * updates_per_epoch), total, '--warmup-epochs')
+    scheduler, _ = create_scheduler_v2(
+        optimizer, num_epochs=total / updates_per_epoch, warmup_epochs=warmup / updates_per_epoch, min_lr=args.min_lr,
+        step_on_epochs=False, updates_per_epoch=updates_per_epoch, **kwargs)
+    accelerator.register_for_checkpointing(scheduler)
+    return scheduler
+
+
 def loggable_config(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures('fresh_accelerate_state')  # (conftest.py)
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ['--model', 'resnet18_fdconv', '--no-pretrained', '--model-kwargs', 'channels=[32,32,64,64]', 'stem_width=32',
          'layers=[1,1,1,1]', 'num_freq_groups=8', '--fpn-channels', '32', '--rois-per-image', '64', '--min-size', '96',
-         '--max-size', '96', '--freeze-stages', '0', '--seed', '0']
+         '--max-size', '96', '--seed', '0']
 
 
 @pytest.fixture(scope='module')
@@ -46,7 +46,7 @@ def test_two_process_faster_rcnn_learns_the_objects(coco, tmp_path):
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
            '--num_machines', '1', '--main_process_port', '0', '--mixed_precision', 'no', '--dynamo_backend', 'no',
            str(ROOT / 'scripts' / 'detect.py'), *SMALL, *coco_args(coco), '--batch-size', '2', '--epochs', '8',
-           '--lr', '0.16', '--warmup-iters', '10', '--workers', '1', '--expect-num-processes', '2',
+           '--lr', '0.16', '--workers', '1', '--expect-num-processes', '2',
            '--checkpoint-every', '1000', '--output-dir', str(out)]
     env = {**os.environ, 'ACCELERATE_USE_CPU': '1', 'OMP_NUM_THREADS': '1'}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -62,7 +62,7 @@ def test_two_process_faster_rcnn_learns_the_objects(coco, tmp_path):
 def test_killed_run_resumes_bit_identical(coco, tmp_path):
     differ = kill_and_resume_equals_uninterrupted(
         [sys.executable, str(ROOT / 'scripts' / 'detect.py')],
-        [*SMALL, *coco_args(coco), '--batch-size', '8', '--epochs', '2', '--lr', '0.04', '--warmup-iters', '2',
+        [*SMALL, *coco_args(coco), '--batch-size', '8', '--epochs', '2', '--lr', '0.04',
          '--checkpoint-every', '3', '--workers', '2', '--num-visualized', '0'], tmp_path, 'step_3')
     assert differ == []
 
@@ -120,6 +120,9 @@ def test_mask_rcnn_on_a_hub_style_dataset_exports_reloads_and_pushes(tmp_path, h
     set_seed(0)
     init = build_detector(config).state_dict()
     assert torch.equal(init['backbone.body.conv1.weight'], saved['backbone.body.conv1.weight'])  # frozen stem
+    # from scratch, BatchNorm is live (torchvision's convention without backbone weights)
+    assert config['frozen_bn'] is False and isinstance(model.backbone.body.bn1, torch.nn.BatchNorm2d)
+    assert not torch.equal(init['backbone.body.bn1.running_mean'], saved['backbone.body.bn1.running_mean'])
     for key in ('backbone.body.layer1.0.conv1.ksm_global.fc.weight',  # frozen stage 0's modulation trains
                 'backbone.body.layer2.0.conv1.fdw.spectrum'):
         assert not torch.equal(init[key], saved[key]), key

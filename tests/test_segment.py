@@ -22,8 +22,7 @@ from fdconv_zoo.segment import build_parser, load_segmenter, main, predict_logit
 pytestmark = pytest.mark.usefixtures('fresh_accelerate_state')  # (conftest.py)
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ['--model', 'convnext_tiny_fdconv', '--no-pretrained', '--model-kwargs', 'dims=[32,32,64,64]',
-         'depths=[1,1,1,1]', 'num_freq_groups=8', '--decoder-channels', '32', '--crop-size', '64', '--scale', '64',
-         '64', '--ratio-range', '1.0', '1.5', '--seed', '0']
+         'depths=[1,1,1,1]', 'num_freq_groups=8', '--decoder-channels', '32', '--crop-size', '64', '--seed', '0']
 LAUNCH = [sys.executable, '-m', 'accelerate.commands.launch', '--num_machines', '1', '--main_process_port', '0',
           '--mixed_precision', 'no', '--dynamo_backend', 'no']
 ENV = {**os.environ, 'ACCELERATE_USE_CPU': '1', 'OMP_NUM_THREADS': '1'}

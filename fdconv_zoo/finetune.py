@@ -23,6 +23,15 @@ from . import models as _models  # noqa: F401  registers the FDConv families
 from .atomic import atomic_dir, write_json
 from .hub import write_hf_files
 from .models._fdconv import describe_origin
+from .streaming import (
+    StreamRows,
+    add_streaming_arguments,
+    check_streaming_args,
+    process_part,
+    stream_loader,
+    to_stream,
+    train_stream,
+)
 from .training import (
     SeededRows,
     add_common_arguments,
@@ -65,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--smoothing', type=float, default=0.0)
     p.add_argument('--model-ema', action='store_true')
     p.add_argument('--model-ema-decay', type=float, default=0.9998)
+    add_streaming_arguments(p)
     return p
 
 
@@ -89,6 +99,32 @@ def _label_names(ds, label: str) -> list[str]:
     if isinstance(feature, ClassLabel):
         return list(feature.names)
     return [str(v) for v in sorted(set(ds[label]))]
+
+
+def load_stream_splits(args: argparse.Namespace, accelerator):
+    """--streaming: (train stream of this process, validation dataset, image column, label column, class names);
+    the training split is never downloaded whole nor decoded ahead."""
+    import datasets
+    if args.train_dir:
+        if not (os.path.isdir(args.train_dir) and args.val_dir and os.path.isdir(args.val_dir)):
+            raise ValueError('--streaming with --train-dir needs --train-dir and --val-dir folders')
+        train = datasets.load_dataset('imagefolder', data_dir=args.train_dir, split='train', streaming=True)
+        val = datasets.load_dataset('imagefolder', data_dir=args.val_dir, split='train')
+    elif args.dataset and os.path.exists(args.dataset):
+        loaded = datasets.load_from_disk(args.dataset)
+        val_split = args.val_split or next((s for s in ('validation', 'val', 'test') if s in loaded), None)
+        for split in (args.train_split, val_split):
+            if split not in loaded:
+                raise ValueError(f"split {split!r} not in {args.dataset} (has {list(loaded)}); --streaming needs a "
+                                 f"validation split")
+        train, val = to_stream(loaded[args.train_split], accelerator), loaded[val_split]
+    elif args.dataset:
+        train = datasets.load_dataset(args.dataset, args.dataset_config, split=args.train_split, streaming=True)
+        val = datasets.load_dataset(args.dataset, args.dataset_config, split=args.val_split or 'validation')
+    else:
+        raise ValueError('give --dataset or --train-dir')
+    image, label = _detect_columns(val, args.image_column, args.label_column)
+    return process_part(train, accelerator, args), val, image, label, _label_names(val, label)
 
 
 def load_splits(args: argparse.Namespace):
@@ -176,22 +212,33 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator) -> dict[str, flo
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.output_dir)
+    check_streaming_args(args)
     accelerator = make_accelerator(args)
-    train_ds, val_ds, image, label, names = load_splits(args)
+    train_ds, val_ds, image, label, names = (load_stream_splits(args, accelerator) if args.streaming else
+                                             load_splits(args))
     model = build_model(args, len(names))
     data_config = resolve_data_config(
         {'input_size': (3, args.img_size, args.img_size)} if args.img_size else {}, model=model)
     eval_tf = create_transform(**data_config, is_training=False)
     train_tf = eval_tf if args.no_augment else create_transform(**data_config, is_training=True)
-    train_loader = make_loader(image_rows(train_ds, image, label, train_tf, args.seed), args.batch_size,
-                               not args.no_shuffle, args.workers, args.seed, _collate)
+    if args.streaming:
+        rows = StreamRows(train_ds, lambda row, _: (train_tf(row[image].convert('RGB')), row[label]), args.seed,
+                          accelerator.process_index)
+        train_loader = stream_loader(rows, args.batch_size, _collate)
+    else:
+        train_loader = make_loader(image_rows(train_ds, image, label, train_tf, args.seed), args.batch_size,
+                                   not args.no_shuffle, args.workers, args.seed, _collate)
     val_loader = make_loader(image_rows(val_ds, image, label, eval_tf, args.seed), args.batch_size, False,
                              args.workers, args.seed, _collate)
 
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, layer_decay=args.layer_decay)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
+    if args.streaming:  # the stream is split across processes already: accelerate must not split it again
+        model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
+        updates_per_epoch = args.max_steps
+    else:
+        model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+        updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
     scheduler = make_scheduler(accelerator, optimizer, args, updates_per_epoch,
                                args.max_steps or updates_per_epoch * args.epochs, sched=args.sched)
     ema = None
@@ -218,11 +265,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     def evaluate_now() -> dict[str, float]:
         return evaluate(ema.module if ema is not None else model, val_loader, accelerator)
 
-    state = resume(accelerator, out / 'checkpoints', args.resume)
+    state = resume(accelerator, out / 'checkpoints', args.resume, train_loader.dataset if args.streaming else None)
     if args.report_to:
         accelerator.init_trackers('finetune', config=loggable_config(args))
-    final = train_loop(accelerator, args, model, optimizer, scheduler, train_loader, loss_fn, evaluate_now, state,
-                       updates_per_epoch, ema) or evaluate_now()
+    if args.streaming:
+        final = train_stream(accelerator, args, model, optimizer, scheduler, train_loader, loss_fn, evaluate_now,
+                             state, ema) or evaluate_now()
+    else:
+        final = train_loop(accelerator, args, model, optimizer, scheduler, train_loader, loss_fn, evaluate_now,
+                           state, updates_per_epoch, ema) or evaluate_now()
     results = {**final, 'steps': state.step, 'model': args.model, 'num_classes': len(names),
                'num_processes': accelerator.num_processes, 'data_source': args.dataset or args.train_dir,
                # a Hub dataset id goes into the model card's metadata; local data is 'custom'

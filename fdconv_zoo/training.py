@@ -195,14 +195,18 @@ class TrainerState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def save_checkpoint(accelerator, root: Path, state: TrainerState) -> Path:
+def save_checkpoint(accelerator, root: Path, state: TrainerState, stream=None) -> Path:
     """accelerator.save_state (model, optimizer, scheduler, EMA, every process's random streams) into step_N.tmp,
-    then renamed: a crash mid-write leaves no complete-looking step_N folder (the rename is the commit)."""
+    then renamed: a crash mid-write leaves no complete-looking step_N folder (the rename is the commit). A
+    streamed run's data position (``stream.state_dict()``) is saved per process."""
     final, tmp = root / f'step_{state.step}', root / f'step_{state.step}.tmp'
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if stream is not None:
+        write_json(tmp / f'stream_{accelerator.process_index}.json', stream.state_dict())
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / 'trainer_state.json', vars(state))
         shutil.rmtree(final, ignore_errors=True)
@@ -211,8 +215,9 @@ def save_checkpoint(accelerator, root: Path, state: TrainerState) -> Path:
     return final
 
 
-def resume(accelerator, root: Path, spec: str | None) -> TrainerState:
-    """Load the checkpoint ``spec`` names ('latest' or a folder); a fresh state without one."""
+def resume(accelerator, root: Path, spec: str | None, stream=None) -> TrainerState:
+    """Load the checkpoint ``spec`` names ('latest' or a folder); a fresh state without one. A streamed run's
+    ``stream`` continues where this process's part stopped."""
     if not spec:
         return TrainerState()
     found = checkpoints(root)
@@ -222,12 +227,54 @@ def resume(accelerator, root: Path, spec: str | None) -> TrainerState:
     if not (folder / 'trainer_state.json').is_file():
         raise ValueError(f"--resume {folder}: not a complete checkpoint folder")
     accelerator.load_state(str(folder))
+    if stream is not None:
+        position = folder / f'stream_{accelerator.process_index}.json'
+        if not position.is_file():
+            raise ValueError(f"--resume {folder}: no stream position {position.name} (not a --streaming run on "
+                             f"{accelerator.num_processes} processes)")
+        stream.load_state_dict(json.loads(position.read_text()))
     state = TrainerState(**json.loads((folder / 'trainer_state.json').read_text()))
     accelerator.print(f"resumed from {folder} at update {state.step} (epoch {state.epoch})")
     return state
 
 
 # ------------------------------------------------------------------------------------------------ the loop
+def _update(accelerator, args: argparse.Namespace, model: nn.Module, optimizer, scheduler, batch,
+            loss_fn: Callable[[nn.Module, Any], torch.Tensor], state: TrainerState, ema, bar) -> bool:
+    """One batch: forward, backward, and at the end of an accumulation the optimizer step, scheduler, EMA and
+    logging. True when an update was made."""
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            loss = loss_fn(model, batch)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.clip_grad:
+            accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if not accelerator.sync_gradients:
+        return False
+    state.step += 1
+    scheduler.step_update(state.step)
+    if ema is not None:
+        ema.update(accelerator.unwrap_model(model), step=state.step)
+    loss_value = accelerator.reduce(loss.detach(), 'mean').item()
+    lr = optimizer.param_groups[0]['lr']
+    bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}')
+    state.history.append({'step': state.step, 'loss': loss_value})
+    if args.report_to:
+        accelerator.log({'train/loss': loss_value, 'lr': lr}, step=state.step)
+    return True
+
+
+def _evaluate_and_log(accelerator, args: argparse.Namespace, evaluate: Callable[[], dict[str, float]],
+                      state: TrainerState, what: str) -> dict[str, float]:
+    metrics = evaluate()
+    accelerator.print(f"{what}: " + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float)))
+    if args.report_to:
+        accelerator.log({f'val/{k}': v for k, v in metrics.items() if isinstance(v, (int, float))}, step=state.step)
+    return metrics
+
+
 def train_loop(accelerator, args: argparse.Namespace, model: nn.Module, optimizer, scheduler, loader,
                loss_fn: Callable[[nn.Module, Any], torch.Tensor], evaluate: Callable[[], dict[str, float]],
                state: TrainerState, updates_per_epoch: int, ema=None) -> dict[str, float] | None:
@@ -249,37 +296,14 @@ def train_loop(accelerator, args: argparse.Namespace, model: nn.Module, optimize
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         bar = tqdm(batches, disable=not accelerator.is_local_main_process, desc=f'epoch {epoch}')
         for batch_idx, batch in enumerate(bar, start=skip):
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss = loss_fn(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.clip_grad:
-                    accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
+            if not _update(accelerator, args, model, optimizer, scheduler, batch, loss_fn, state, ema, bar):
                 continue
-            state.step += 1
-            scheduler.step_update(state.step)
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(model), step=state.step)
-            loss_value = accelerator.reduce(loss.detach(), 'mean').item()
-            lr = optimizer.param_groups[0]['lr']
-            bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}')
-            state.history.append({'step': state.step, 'loss': loss_value})
-            if args.report_to:
-                accelerator.log({'train/loss': loss_value, 'lr': lr}, step=state.step)
             state.epoch, state.batches_in_epoch = epoch, batch_idx + 1
             if every and state.step % every == 0:
                 save_checkpoint(accelerator, ckpt_root, state)
             if state.step >= max_steps:
                 break
-        metrics = evaluate()
-        accelerator.print(f"epoch {epoch}: " + ', '.join(
-            f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float)))
-        if args.report_to:
-            accelerator.log({f'val/{k}': v for k, v in metrics.items() if isinstance(v, (int, float))},
-                            step=state.step)
+        metrics = _evaluate_and_log(accelerator, args, evaluate, state, f'epoch {epoch}')
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         if every is None and state.step < max_steps:
             save_checkpoint(accelerator, ckpt_root, state)

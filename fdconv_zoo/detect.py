@@ -7,12 +7,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import timm
 import torch
@@ -22,6 +23,16 @@ from . import models as _models  # noqa: F401  registers the FDConv families
 from .atomic import atomic_dir, write_bytes, write_json
 from .cards import task_card
 from .hub import push_folder
+from .streaming import (
+    add_streaming_arguments,
+    check_streaming_args,
+    prepare,
+    process_part,
+    resume_run,
+    run,
+    to_stream,
+    train_loader_for,
+)
 from .training import (
     SeededRows,
     add_common_arguments,
@@ -30,10 +41,8 @@ from .training import (
     make_accelerator,
     make_loader,
     parse_model_kwargs,
-    resume,
     run_main,
     select_trainable,
-    train_loop,
 )
 
 DETECTORS = ('faster_rcnn', 'mask_rcnn')
@@ -70,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--rois-per-image', type=int, default=512, help='box head samples per image in training')
     p.add_argument('--num-visualized', type=int, default=4, help='validation images drawn in each PNG')
     p.add_argument('--score-threshold', type=float, default=0.5, help='detections drawn in the PNG')
+    add_streaming_arguments(p)
     return p
 
 
@@ -133,45 +143,75 @@ def _add_object(record: dict[str, Any], xywh, label: int, crowd: bool, segmentat
     record['segmentation'].append(segmentation)
 
 
-def load_hf(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
-    """Records from a Hugging Face detection dataset: an image column and ``objects`` with ``bbox`` (COCO
-    x, y, w, h), ``category`` (0-based; names from its ClassLabel) and optional ``segmentation``/``iscrowd``."""
+def _hf_category_names(ds) -> list[str] | None:
+    """Class names from the ClassLabel of ``objects.category``, if it is one."""
     import datasets
+    objects = ds.features['objects']
+    category = objects.feature['category'] if hasattr(objects, 'feature') else objects['category']
+    category = getattr(category, 'feature', category)
+    return list(category.names) if isinstance(category, datasets.ClassLabel) else None
+
+
+def hf_record(row: dict[str, Any], name: str, num_classes: int | None) -> dict[str, Any]:
+    """The record of one row of a Hugging Face detection dataset (its image decoded now)."""
+    image = row['image'].convert('RGB')
+    record = {'image': image, 'name': name, 'width': image.width, 'height': image.height,
+              'boxes': [], 'labels': [], 'crowd': [], 'segmentation': []}
+    objects = row['objects']
+    for j, (box, cat) in enumerate(zip(objects['bbox'], objects['category'], strict=True)):
+        if num_classes is not None and not 0 <= cat < num_classes:
+            raise ValueError(f"{name}: object {j} has category {cat}, not in [0, {num_classes})")
+        crowd = bool(objects.get('iscrowd', [0] * len(objects['bbox']))[j])
+        segmentation = objects['segmentation'][j] if 'segmentation' in objects else None
+        _add_object(record, box, int(cat) + 1, crowd, segmentation)
+    return record
+
+
+class HFRecords(Sequence):
+    """The records of a Hugging Face detection split, each made when it is asked for: nothing is decoded ahead,
+    so memory does not grow with the dataset."""
+
+    def __init__(self, ds, split: str, num_classes: int | None):
+        self.ds, self.split, self.num_classes = ds, split, num_classes
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return hf_record(self.ds[index], f'{self.split} example {index}', self.num_classes)
+
+
+def _open_hf(args: argparse.Namespace, split: str, streaming: bool = False):
     if os.path.exists(args.dataset):
         loaded = datasets.load_from_disk(args.dataset)
-    else:
-        loaded = datasets.load_dataset(args.dataset, args.dataset_config)
-    splits = []
-    for split in (args.train_split, args.val_split):
         if split not in loaded:
             raise ValueError(f"split {split!r} not in {args.dataset} (has {list(loaded)})")
-        ds = loaded[split]
+        return loaded[split]
+    return datasets.load_dataset(args.dataset, args.dataset_config, split=split, streaming=streaming)
+
+
+def load_hf(args: argparse.Namespace, accelerator=None) -> tuple[Any, HFRecords, list[str]]:
+    """Records from a Hugging Face detection dataset: an image column and ``objects`` with ``bbox`` (COCO
+    x, y, w, h), ``category`` (0-based; names from its ClassLabel) and optional ``segmentation``/``iscrowd``.
+    Rows are read when the loader asks for them; with --streaming the training split is this process's part of
+    the stream (its rows made into records by the loader) and class names without a ClassLabel come from the
+    validation split."""
+    splits = []
+    for split in (args.train_split, args.val_split):
+        ds = _open_hf(args, split, streaming=args.streaming and split == args.train_split)
         if 'objects' not in ds.features:
             raise ValueError(f"split {split!r} of {args.dataset} has no 'objects' column ({list(ds.features)})")
         splits.append(ds)
-    category = splits[0].features['objects'].feature['category'] if hasattr(
-        splits[0].features['objects'], 'feature') else splits[0].features['objects']['category']
-    category = getattr(category, 'feature', category)
-    names = list(category.names) if isinstance(category, datasets.ClassLabel) else None
-    out = []
-    for split, ds in zip((args.train_split, args.val_split), splits, strict=True):
-        records = []
-        for i, row in enumerate(ds):
-            image = row['image'].convert('RGB')
-            record = {'image': image, 'name': f'{split} example {i}', 'width': image.width, 'height': image.height,
-                      'boxes': [], 'labels': [], 'crowd': [], 'segmentation': []}
-            objects = row['objects']
-            for j, (box, cat) in enumerate(zip(objects['bbox'], objects['category'], strict=True)):
-                if names is not None and not 0 <= cat < len(names):
-                    raise ValueError(f"{record['name']}: object {j} has category {cat}, not in [0, {len(names)})")
-                crowd = bool(objects.get('iscrowd', [0] * len(objects['bbox']))[j])
-                segmentation = objects['segmentation'][j] if 'segmentation' in objects else None
-                _add_object(record, box, int(cat) + 1, crowd, segmentation)
-            records.append(record)
-        out.append(records)
-    if names is None:
-        names = [str(i) for i in range(max((max(r['labels'], default=0) for r in out[0]), default=0))]
-    return out[0], out[1], names
+    names = _hf_category_names(splits[0])
+    if names is None:  # the largest category id, read from the objects column alone (no image decoded)
+        objects = splits[1 if args.streaming else 0].select_columns(['objects'])
+        high = max((max(row['objects']['category'], default=-1) for row in objects), default=-1)
+        names = [str(i) for i in range(high + 1)]
+    val = HFRecords(splits[1], args.val_split, len(names))
+    if args.streaming:
+        train = splits[0] if isinstance(splits[0], datasets.IterableDataset) else to_stream(splits[0], accelerator)
+        return process_part(train, accelerator, args), val, names
+    return HFRecords(splits[0], args.train_split, len(names)), val, names
 
 
 def example(record: dict[str, Any], masks: bool, flip: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -340,6 +380,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.output_dir)
     if args.detector not in DETECTORS:
         raise ValueError(f"unknown --detector {args.detector!r}: one of {list(DETECTORS)}")
+    check_streaming_args(args)
+    if args.streaming and not args.dataset:
+        raise ValueError('--streaming needs --dataset (a Hugging Face dataset or save_to_disk folder)')
+    # frozen stages and heads that see no positive box in a batch leave parameters without gradient
+    accelerator = make_accelerator(args, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if args.train_ann:
         if not (args.train_images and args.val_ann and args.val_images):
             raise ValueError('--train-ann needs --train-images, --val-ann and --val-images')
@@ -348,11 +393,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if val_names != names:
             raise ValueError(f"{args.val_ann} has categories {val_names}, {args.train_ann} has {names}")
     elif args.dataset:
-        train_records, val_records, names = load_hf(args)
+        train_records, val_records, names = load_hf(args, accelerator)
     else:
         raise ValueError('give --train-ann/--train-images/--val-ann/--val-images or --dataset')
-    # frozen stages and heads that see no positive box in a batch leave parameters without gradient
-    accelerator = make_accelerator(args, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if not timm.is_model(args.model.split('.')[0]):
         raise ValueError(f"unknown backbone {args.model!r}: not a timm or fdconv_zoo model")
     mean_std = timm.models.get_pretrained_cfg(args.model).to_dict()
@@ -371,16 +414,21 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if sync_bn and not config['frozen_bn']:
         model.backbone.body = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone.body)
     masks = args.detector == 'mask_rcnn'
-    train_loader = make_loader(SeededRows(train_records, lambda r, _: example(r, masks, flip=True), args.seed),
-                               args.batch_size, True, args.workers, args.seed, _as_lists)
+    if args.streaming:
+        def train_example(row, index):
+            return example(hf_record(row, f'{args.train_split} example {index}', len(names)), masks, flip=True)
+    else:
+        def train_example(record, index):
+            return example(record, masks, flip=True)
+    train_loader = train_loader_for(args, accelerator, train_records, train_example, _as_lists)
     val_loader = make_loader(SeededRows(val_records, lambda r, _: example(r, masks, flip=False), args.seed),
                              args.batch_size, False, args.workers, args.seed, _as_lists)
     total_batch = args.batch_size * accelerator.num_processes * args.grad_accum
     lr = args.lr * total_batch / 16  # --lr is for a total batch of 16 (linear scaling)
     optimizer = create_optimizer_v2(model, opt='momentum', lr=lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
+    model, optimizer, train_loader, val_loader, updates_per_epoch = prepare(accelerator, args, model, optimizer,
+                                                                            train_loader, val_loader)
     total = args.max_steps or updates_per_epoch * args.epochs
     warmup = fit_warmup(accelerator, args.warmup_iters + int(args.warmup_epochs * updates_per_epoch), total,
                         '--warmup-iters/--warmup-epochs')
@@ -394,7 +442,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         losses = model(list(images), [_train_target(t) for t in targets])
         return sum(losses.values())
 
-    state = resume(accelerator, out / 'checkpoints', args.resume)
+    state = resume_run(accelerator, args, train_loader)
     if args.report_to:
         accelerator.init_trackers('detect', config=loggable_config(args))
 
@@ -409,8 +457,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                             draw(shown, names, args.score_threshold))
         return metrics
 
-    final = train_loop(accelerator, args, model, optimizer, scheduler, train_loader, loss_fn, evaluate_now, state,
-                       updates_per_epoch) or evaluate_now()
+    final = run(accelerator, args, model, optimizer, scheduler, train_loader, loss_fn, evaluate_now, state,
+                updates_per_epoch)
     results = {**final, 'steps': state.step, 'model': args.model, 'detector': args.detector, 'lr': lr,
                'num_classes': len(names), 'num_processes': accelerator.num_processes,
                'dataset': args.dataset if args.dataset and not os.path.exists(args.dataset) else 'custom',

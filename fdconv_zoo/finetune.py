@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,14 @@ from .atomic import atomic_dir, write_json
 from .hub import write_hf_files
 from .models._fdconv import describe_origin
 from .streaming import (
-    StreamRows,
     add_streaming_arguments,
     check_streaming_args,
+    prepare,
     process_part,
-    stream_loader,
+    resume_run,
+    run,
     to_stream,
-    train_stream,
+    train_loader_for,
 )
 from .training import (
     SeededRows,
@@ -40,10 +41,8 @@ from .training import (
     make_loader,
     make_scheduler,
     parse_model_kwargs,
-    resume,
     run_main,
     select_trainable,
-    train_loop,
 )
 
 _logger = logging.getLogger('fdconv_zoo.finetune')
@@ -170,9 +169,14 @@ def load_splits(args: argparse.Namespace):
     return train, val, image, label, _label_names(train, label)
 
 
+def image_example(image: str, label: str, transform) -> Callable[[Any, int], tuple[torch.Tensor, int]]:
+    """(image tensor, label) of a row."""
+    return lambda row, _: (transform(row[image].convert('RGB')), row[label])
+
+
 def image_rows(ds, image: str, label: str, transform, seed: int) -> SeededRows:
     """(image tensor, label) rows, each image's augmentation drawn from its own seeded generator."""
-    return SeededRows(ds, lambda row, _: (transform(row[image].convert('RGB')), row[label]), seed)
+    return SeededRows(ds, image_example(image, label, transform), seed)
 
 
 def _collate(rows):
@@ -221,24 +225,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         {'input_size': (3, args.img_size, args.img_size)} if args.img_size else {}, model=model)
     eval_tf = create_transform(**data_config, is_training=False)
     train_tf = eval_tf if args.no_augment else create_transform(**data_config, is_training=True)
-    if args.streaming:
-        rows = StreamRows(train_ds, lambda row, _: (train_tf(row[image].convert('RGB')), row[label]), args.seed,
-                          accelerator.process_index)
-        train_loader = stream_loader(rows, args.batch_size, _collate)
-    else:
-        train_loader = make_loader(image_rows(train_ds, image, label, train_tf, args.seed), args.batch_size,
-                                   not args.no_shuffle, args.workers, args.seed, _collate)
+    train_loader = train_loader_for(args, accelerator, train_ds, image_example(image, label, train_tf), _collate,
+                                    shuffle=not args.no_shuffle)
     val_loader = make_loader(image_rows(val_ds, image, label, eval_tf, args.seed), args.batch_size, False,
                              args.workers, args.seed, _collate)
 
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, layer_decay=args.layer_decay)
-    if args.streaming:  # the stream is split across processes already: accelerate must not split it again
-        model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
-        updates_per_epoch = args.max_steps
-    else:
-        model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-        updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
+    model, optimizer, train_loader, val_loader, updates_per_epoch = prepare(accelerator, args, model, optimizer,
+                                                                            train_loader, val_loader)
     scheduler = make_scheduler(accelerator, optimizer, args, updates_per_epoch,
                                args.max_steps or updates_per_epoch * args.epochs, sched=args.sched)
     ema = None
@@ -265,15 +260,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     def evaluate_now() -> dict[str, float]:
         return evaluate(ema.module if ema is not None else model, val_loader, accelerator)
 
-    state = resume(accelerator, out / 'checkpoints', args.resume, train_loader.dataset if args.streaming else None)
+    state = resume_run(accelerator, args, train_loader)
     if args.report_to:
         accelerator.init_trackers('finetune', config=loggable_config(args))
-    if args.streaming:
-        final = train_stream(accelerator, args, model, optimizer, scheduler, train_loader, loss_fn, evaluate_now,
-                             state, ema) or evaluate_now()
-    else:
-        final = train_loop(accelerator, args, model, optimizer, scheduler, train_loader, loss_fn, evaluate_now,
-                           state, updates_per_epoch, ema) or evaluate_now()
+    final = run(accelerator, args, model, optimizer, scheduler, train_loader, loss_fn, evaluate_now, state,
+                updates_per_epoch, ema)
     results = {**final, 'steps': state.step, 'model': args.model, 'num_classes': len(names),
                'num_processes': accelerator.num_processes, 'data_source': args.dataset or args.train_dir,
                # a Hub dataset id goes into the model card's metadata; local data is 'custom'

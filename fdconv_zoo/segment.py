@@ -22,6 +22,16 @@ from . import models as _models  # noqa: F401  registers the FDConv families
 from .atomic import atomic_dir, write_bytes, write_json
 from .cards import task_card
 from .hub import push_folder
+from .streaming import (
+    add_streaming_arguments,
+    check_streaming_args,
+    prepare,
+    process_part,
+    resume_run,
+    run,
+    to_stream,
+    train_loader_for,
+)
 from .training import (
     SeededRows,
     add_common_arguments,
@@ -30,10 +40,8 @@ from .training import (
     make_loader,
     make_scheduler,
     parse_model_kwargs,
-    resume,
     run_main,
     select_trainable,
-    train_loop,
 )
 
 DECODERS = {'upernet': 'UPerNet', 'fpn': 'FPN', 'deeplabv3plus': 'DeepLabV3Plus'}
@@ -73,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--stride', type=int, nargs='+', default=None, help='slide window stride (default 2/3 crop)')
     p.add_argument('--num-visualized', type=int, default=4, help='validation images drawn in each PNG')
     p.add_argument('--poly-power', type=float, default=1.0)
+    add_streaming_arguments(p)
     return p
 
 
@@ -104,11 +113,29 @@ def _hf_rows(ds, image_column: str | None, mask_column: str | None, split: str):
         if column is None or column not in ds.features:
             raise ValueError(f"split {split!r} has no {name} column among {list(ds.features)} "
                              f"(set --{name}-column)")
-    return ds.select_columns([image, mask]).rename_columns({image: 'image', mask: 'mask'})
+    renames = {k: v for k, v in ((image, 'image'), (mask, 'mask')) if k != v}
+    ds = ds.select_columns([image, mask])
+    return ds.rename_columns(renames) if renames else ds
 
 
-def load_splits(args: argparse.Namespace):
-    """(train rows, validation rows): lists of file pairs or HF datasets with 'image' and 'mask' columns."""
+def load_splits(args: argparse.Namespace, accelerator=None):
+    """(train rows, validation rows): lists of file pairs or HF datasets with 'image' and 'mask' columns; with
+    --streaming the training rows are this process's part of the streamed split."""
+    if args.streaming:
+        if not args.dataset:
+            raise ValueError('--streaming needs --dataset (a Hugging Face dataset or save_to_disk folder)')
+        import datasets
+        if os.path.exists(args.dataset):
+            loaded = datasets.load_from_disk(args.dataset)
+            for split in (args.train_split, args.val_split):
+                if split not in loaded:
+                    raise ValueError(f"split {split!r} not in {args.dataset} (has {list(loaded)})")
+            train, val = to_stream(loaded[args.train_split], accelerator), loaded[args.val_split]
+        else:
+            train = datasets.load_dataset(args.dataset, args.dataset_config, split=args.train_split, streaming=True)
+            val = datasets.load_dataset(args.dataset, args.dataset_config, split=args.val_split)
+        return (process_part(_hf_rows(train, args.image_column, args.mask_column, args.train_split), accelerator,
+                             args), _hf_rows(val, args.image_column, args.mask_column, args.val_split))
     if args.train_dir:
         if not args.val_dir:
             raise ValueError('--train-dir needs --val-dir')
@@ -156,7 +183,8 @@ def read_example(row: dict[str, Any], name: str, num_classes: int | None, ignore
 
 
 def class_names(args: argparse.Namespace, train_rows) -> list[str]:
-    """From --label-names, else --num-classes, else the largest id in the training masks."""
+    """From --label-names, else --num-classes, else the largest id in the training masks (the validation masks
+    of a streamed run)."""
     if args.label_names:
         names = [line.strip() for line in Path(args.label_names).read_text().splitlines() if line.strip()]
         if args.num_classes is not None and args.num_classes != len(names):
@@ -362,9 +390,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"unknown --decoder {args.decoder!r}: one of {sorted(DECODERS)}")
     if any(c % 32 for c in _hw(args.crop_size)):
         raise ValueError(f"--crop-size {args.crop_size}: the decoders need multiples of 32")
+    check_streaming_args(args)
     accelerator = make_accelerator(args)
-    train_rows, val_rows = load_splits(args)
-    names = class_names(args, train_rows)
+    train_rows, val_rows = load_splits(args, accelerator)
+    names = class_names(args, val_rows if args.streaming else train_rows)
     model = build_segmenter(args.model, args.decoder, len(names), args.pretrained,
                             parse_model_kwargs(args.model_kwargs), args.decoder_channels, args.decoder_norm)
     select_trainable(model.encoder, args)
@@ -382,15 +411,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     def eval_example(row, index):
         return eval_tf(*read_example(row, f'validation example {index}', len(names), ignore, reduce))
-    train_loader = make_loader(SeededRows(train_rows, train_example, args.seed), args.batch_size, True,
-                               args.workers, args.seed, _stack)
+    train_loader = train_loader_for(args, accelerator, train_rows, train_example, _stack)
     val_loader = make_loader(SeededRows(val_rows, eval_example, args.seed), 1, False, args.workers, args.seed,
                              _stack)
 
     from timm.optim import create_optimizer_v2
     optimizer = create_optimizer_v2(model, opt='adamw', lr=args.lr, weight_decay=args.weight_decay)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
+    model, optimizer, train_loader, val_loader, updates_per_epoch = prepare(accelerator, args, model, optimizer,
+                                                                            train_loader, val_loader)
     scheduler = make_scheduler(accelerator, optimizer, args, updates_per_epoch,
                                args.max_steps or updates_per_epoch * args.epochs, sched='poly',
                                decay_rate=args.poly_power, warmup_lr=args.lr * 1e-3 if args.warmup_epochs else 0)
@@ -400,7 +428,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         images, masks = batch
         return criterion(model(images).float(), masks)
 
-    state = resume(accelerator, out / 'checkpoints', args.resume)
+    state = resume_run(accelerator, args, train_loader)
     if args.report_to:
         accelerator.init_trackers('segment', config=loggable_config(args))
 
@@ -415,8 +443,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                             draw(shown, mean, std, len(names), ignore))
         return metrics
 
-    final = train_loop(accelerator, args, model, optimizer, scheduler, train_loader, loss_fn, evaluate_now, state,
-                       updates_per_epoch) or evaluate_now()
+    final = run(accelerator, args, model, optimizer, scheduler, train_loader, loss_fn, evaluate_now, state,
+                updates_per_epoch)
     results = {**final, 'steps': state.step, 'model': args.model, 'decoder': args.decoder,
                'num_classes': len(names), 'num_processes': accelerator.num_processes,
                'dataset': args.dataset if args.dataset and not os.path.exists(args.dataset) else 'custom',

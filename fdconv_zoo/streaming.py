@@ -117,3 +117,44 @@ def train_stream(accelerator, args: argparse.Namespace, model: nn.Module, optimi
             rows.position = 0
     bar.close()
     return _evaluate_and_log(accelerator, args, evaluate, state, f'update {state.step}')
+
+
+# ------------------------------------------------------------------- what a task calls, streamed or not
+def train_loader_for(args: argparse.Namespace, accelerator, train, make: Callable[[Any, int], Any],
+                     collate: Callable, shuffle: bool = True) -> torch.utils.data.DataLoader:
+    """The training loader: over a stream (this process's part) with --streaming, else over indexable rows."""
+    from .training import SeededRows, make_loader
+    if args.streaming:
+        return stream_loader(StreamRows(train, make, args.seed, accelerator.process_index), args.batch_size, collate)
+    return make_loader(SeededRows(train, make, args.seed), args.batch_size, shuffle, args.workers, args.seed, collate)
+
+
+def prepare(accelerator, args: argparse.Namespace, model: nn.Module, optimizer, train_loader, val_loader):
+    """accelerate's prepare, and the updates of an epoch (a stream's run is one epoch of --max-steps updates;
+    its loader is split across processes already, so accelerate must not split it again)."""
+    import math
+    if args.streaming:
+        model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
+        return model, optimizer, train_loader, val_loader, args.max_steps
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    return model, optimizer, train_loader, val_loader, math.ceil(len(train_loader) / args.grad_accum)
+
+
+def resume_run(accelerator, args: argparse.Namespace, train_loader) -> TrainerState:
+    from .training import resume
+    return resume(accelerator, Path(args.output_dir) / 'checkpoints', args.resume,
+                  train_loader.dataset if args.streaming else None)
+
+
+def run(accelerator, args: argparse.Namespace, model: nn.Module, optimizer, scheduler, train_loader,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor], evaluate: Callable[[], dict[str, float]],
+        state: TrainerState, updates_per_epoch: int, ema=None) -> dict[str, float]:
+    """The training run (epochs, or --max-steps of a stream), then the final evaluation if it made none."""
+    from .training import train_loop
+    if args.streaming:
+        metrics = train_stream(accelerator, args, model, optimizer, scheduler, train_loader, loss_fn, evaluate,
+                               state, ema)
+    else:
+        metrics = train_loop(accelerator, args, model, optimizer, scheduler, train_loader, loss_fn, evaluate, state,
+                             updates_per_epoch, ema)
+    return metrics or evaluate()

@@ -162,3 +162,26 @@ def test_bad_annotations_are_one_error_naming_them(coco, tmp_path, capsys):
     records, names = load_coco(str(ann), str(coco / 'train' / 'images'))
     assert names == ['brick', 'gravel'] and records[0]['boxes'][0] == [0.0, 50.0, 96.0, 80.0]
     assert sum(len(r['boxes']) for r in records) == len(source['annotations']) - 1
+
+
+def test_hub_dataset_is_decoded_lazily_and_streams(tmp_path, monkeypatch):
+    """No image of a Hugging Face detection dataset is decoded before the loader asks for it (memory does not
+    grow with the dataset), and --streaming trains on the stream to --max-steps."""
+    path = tmp_path / 'ds'
+    hf_detection_dataset(path)
+    decoded = []
+    original = datasets.Image.decode_example
+    monkeypatch.setattr(datasets.Image, 'decode_example',
+                        lambda self, value, **kw: decoded.append(1) or original(self, value, **kw))
+    from fdconv_zoo.detect import load_hf
+    args = build_parser().parse_args([*SMALL, '--dataset', str(path)])
+    train_records, val_records, names = load_hf(args)
+    assert names == ['brick', 'gravel'] and len(train_records) == 6 and len(val_records) == 4
+    assert decoded == []
+    record = train_records[3]
+    assert len(decoded) == 1 and record['name'] == 'train example 3' and len(record['boxes']) >= 1
+    results = train(build_parser().parse_args([
+        *SMALL, '--dataset', str(path), '--streaming', '--batch-size', '2', '--max-steps', '4', '--lr', '0.04',
+        '--workers', '0', '--num-visualized', '0', '--output-dir', str(tmp_path / 'run')]))
+    assert results['steps'] == 4 and results['images'] == 4  # 6 training rows: the stream's second pass
+    assert 'box_AP50' in results

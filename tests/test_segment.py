@@ -170,3 +170,31 @@ def test_bad_input_is_one_error_naming_it(mosaics, tmp_path, capsys):
     assert f"{bad / 'images' / '000.jpg'}: label 7 is not a class id in [0, 3)" in err and 'Traceback' not in err
     assert len([line for line in err.splitlines() if 'segment:' in line]) == 1  # (stderr also has the bar)
     assert not (tmp_path / 'o' / 'model').exists()
+
+
+def test_streamed_hub_style_dataset_trains_to_max_steps_and_resumes(tmp_path):
+    """--streaming: the training split read as a stream (classes from the validation masks), the run's length
+    from --max-steps, the stream's position in every checkpoint, and --resume continuing from it."""
+    rng = np.random.default_rng(5)
+    rows = {'image': [], 'mask': []}
+    for _ in range(10):
+        image, mask = mosaic(rng, 64)
+        rows['image'].append(Image.fromarray(image))
+        rows['mask'].append(Image.fromarray(mask))
+    ds = datasets.Dataset.from_dict(rows, features=datasets.Features({'image': datasets.Image(),
+                                                                      'mask': datasets.Image()}))
+    path = tmp_path / 'ds'
+    datasets.DatasetDict(train=ds.select(range(7)), validation=ds.select(range(7, 10))).save_to_disk(str(path))
+    common = [*SMALL, '--dataset', str(path), '--decoder', 'fpn', '--streaming', '--batch-size', '2',
+              '--workers', '0', '--num-visualized', '0', '--checkpoint-every', '3', '--output-dir', str(tmp_path / 'r')]
+    first = train(build_parser().parse_args([*common, '--max-steps', '6']))
+    assert first['steps'] == 6 and first['pixels'] == 3 * 64 * 64 and first['num_classes'] == 3
+    position = json.loads((tmp_path / 'r' / 'checkpoints' / 'step_3' / 'stream_0.json').read_text())
+    assert position['position'] == 6 and position['epoch'] == 0  # 3 updates of 2 of the 7 examples
+    from accelerate.state import AcceleratorState, PartialState
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    resumed = train(build_parser().parse_args([*common, '--max-steps', '6', '--resume',
+                                               str(tmp_path / 'r' / 'checkpoints' / 'step_3')]))
+    assert resumed['steps'] == 6
+    assert [h['loss'] for h in resumed['train_loss'][:3]] == [h['loss'] for h in first['train_loss'][:3]]

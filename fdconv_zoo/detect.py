@@ -43,6 +43,7 @@ from .training import (
     parse_model_kwargs,
     run_main,
     select_trainable,
+    unsharded,
 )
 
 DETECTORS = ('faster_rcnn', 'mask_rcnn')
@@ -464,11 +465,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                'dataset': args.dataset if args.dataset and not os.path.exists(args.dataset) else 'custom',
                'train_loss': state.history}
     accelerator.wait_for_everyone()
+    export = unsharded(accelerator.unwrap_model(model), lambda: build_detector(config))
     if accelerator.is_main_process:
         origin = (f"fine-tuned with fdconv_zoo.detect from {args.model}" if args.pretrained else
                   f"trained with fdconv_zoo.detect from random initialisation ({args.model} backbone)")
         config['notes'] = origin
-        _export(accelerator.unwrap_model(model).float(), out / 'model', config, results)
+        _export(export.float(), out / 'model', config, results)
         write_json(out / 'results.json', results)
         if args.push_to_hub:
             load_detector(out / 'model')  # refuse to publish what would not load

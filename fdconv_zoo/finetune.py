@@ -43,6 +43,7 @@ from .training import (
     parse_model_kwargs,
     run_main,
     select_trainable,
+    unsharded,
 )
 
 _logger = logging.getLogger('fdconv_zoo.finetune')
@@ -271,10 +272,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                'dataset': args.dataset if args.dataset and not os.path.exists(args.dataset) else 'custom',
                'split': 'validation', 'train_loss': state.history}
     accelerator.wait_for_everyone()
+    export = unsharded(ema.module if ema is not None else accelerator.unwrap_model(model),
+                       lambda: timm.create_model(args.model, num_classes=len(names),
+                                                 **parse_model_kwargs(args.model_kwargs)))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        export = (ema.module if ema is not None else accelerator.unwrap_model(model)).float()
-        _export(export, out / 'model', names, data_config, results, args)
+        _export(export.float(), out / 'model', names, data_config, results, args)
         write_json(out / 'results.json', results)
         if args.push_to_hub:
             from .hub import push

@@ -42,6 +42,7 @@ from .training import (
     parse_model_kwargs,
     run_main,
     select_trainable,
+    unsharded,
 )
 
 DECODERS = {'upernet': 'UPerNet', 'fpn': 'FPN', 'deeplabv3plus': 'DeepLabV3Plus'}
@@ -450,9 +451,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                'dataset': args.dataset if args.dataset and not os.path.exists(args.dataset) else 'custom',
                'train_loss': state.history}
     accelerator.wait_for_everyone()
+    export = unsharded(accelerator.unwrap_model(model), lambda: build_segmenter(
+        args.model, args.decoder, len(names), False, parse_model_kwargs(args.model_kwargs), args.decoder_channels,
+        args.decoder_norm))
     if accelerator.is_main_process:
-        export = accelerator.unwrap_model(model).float()
-        _export(export, out / 'model', names, mean, std, results, args)
+        _export(export.float(), out / 'model', names, mean, std, results, args)
         write_json(out / 'results.json', results)
         if args.push_to_hub:
             push_segmenter(out / 'model', args.hub_repo_id or f"{args.model.split('.')[0]}-{args.decoder}")

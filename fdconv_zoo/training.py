@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import re
 import shutil
@@ -82,6 +83,12 @@ def make_accelerator(args: argparse.Namespace, **kwargs: Any):
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
         log_with=args.report_to, project_config=ProjectConfiguration(project_dir=out, logging_dir=out),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed), **kwargs)
+    launched = int(os.environ.get('WORLD_SIZE', '1'))  # what the launcher (torchrun, accelerate) started
+    if launched != accelerator.num_processes:
+        raise ValueError(
+            f"launched as one of {launched} processes, but accelerate runs this one alone: the {launched} processes "
+            f"would each train a full copy into {out}. On a machine without GPUs, data parallelism needs "
+            f"`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched} ...`")
     if args.expect_num_processes and accelerator.num_processes != args.expect_num_processes:
         raise RuntimeError(f"expected {args.expect_num_processes} processes, running on {accelerator.num_processes}")
     set_seed(args.seed)
@@ -179,6 +186,29 @@ def select_trainable(backbone: nn.Module, args: argparse.Namespace) -> None:
     for p in frozen:
         if id(p) not in keep:
             p.requires_grad_(False)
+
+
+def unsharded(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
+    """The trained model as a plain module to export. A model sharded by FSDP (FSDP2's ``fully_shard`` or
+    FSDP1) holds only its shard on each process: its full state dict is gathered (a collective: every process
+    calls this) and loaded into ``build()`` on the main process; the other processes get None. An unsharded
+    model is returned as it is."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+    if not (any(isinstance(p, DTensor) for p in model.parameters())
+            or any(isinstance(m, FullyShardedDataParallel) for m in model.modules())):
+        return model
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    plain = build()
+    plain.load_state_dict(state)
+    for attr in ('pretrained_cfg', '_model_args'):  # what timm's save_for_hf writes about the trained model
+        if hasattr(model, attr):
+            setattr(plain, attr, getattr(model, attr))
+    return plain
 
 
 # ----------------------------------------------------------------------------------------- checkpoints

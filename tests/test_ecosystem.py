@@ -170,3 +170,31 @@ def test_provenance_of_a_model_never_initialised_from_weights(tmp_path):
     cfg = model.pretrained_cfg
     assert 'tag' not in cfg and 'hf_hub_id' not in cfg and 'license' not in cfg
     assert 'converted' not in ' '.join(cfg['notes'])
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_model_exports_and_pushes(tmp_path, hub):
+    """2 CPU processes (gloo, torchrun), FSDP2 fully_shard: the final export gathers the full state dict on
+    every process and writes it once; the folder holds the trained weights and loads in timm from the Hub."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    script = Path(__file__).resolve().parent / 'fsdp_export.py'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                           str(script), str(tmp_path), 'zoo-test/fsdp-r18'], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    gathered = load_file(str(tmp_path / 'gathered.safetensors'))
+    saved = load_file(str(tmp_path / 'model' / 'model.safetensors'))
+    assert saved.keys() == gathered.keys()
+    for key, value in gathered.items():
+        assert torch.equal(saved[key], value), key
+    init = timm.create_model('resnet18_fdconv', num_classes=4, channels=[16, 16, 32, 32], stem_width=16,
+                             layers=[1, 1, 1, 1], num_freq_groups=8).state_dict()
+    assert not torch.equal(init['layer1.0.conv1.fdw.spectrum'], saved['layer1.0.conv1.fdw.spectrum'])  # trained
+    model = timm.create_model('hf-hub:zoo-test/fsdp-r18', pretrained=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())

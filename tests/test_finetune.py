@@ -243,3 +243,20 @@ def test_two_process_streamed_run_killed_and_resumed_continues_where_it_stopped(
     positions = [json.loads((tmp_path / 'part' / 'checkpoints' / 'step_12' / f'stream_{r}.json').read_text())
                  for r in (0, 1)]
     assert all(p['epoch'] == 1 for p in positions)
+
+
+def test_several_processes_launched_without_data_parallelism_stop_with_one_line(digits_dataset, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs (and without
+    ACCELERATE_USE_CPU=1) starts two unconnected processes: each stops with the command that works instead of
+    training a full copy into the same folder."""
+    env = {k: v for k, v in os.environ.items() if k != 'ACCELERATE_USE_CPU'}
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--main_process_port', '0', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+           str(ROOT / 'scripts' / 'finetune.py'), *SMALL_RESNET, '--no-pretrained', '--dataset', digits_dataset,
+           '--output-dir', str(tmp_path / 'run')]
+    proc = subprocess.run(cmd, env={**env, 'CUDA_VISIBLE_DEVICES': ''}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith('finetune: ')]
+    assert len(lines) == 2 and all('ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2' in line
+                                   for line in lines), proc.stderr[-3000:]
+    assert not (tmp_path / 'run' / 'model').exists()

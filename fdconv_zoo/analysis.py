@@ -66,7 +66,7 @@ def radial_profiles(layer: FDConv2d | FDLinear) -> torch.Tensor:
     that group's bins and zero elsewhere, so the profiles are read off the spectrum (half-spectrum columns that
     stand for two bins counted twice)."""
     fdw = layer.fdw
-    power = torch.view_as_complex(fdw.spectrum.detach().double()).abs().square().t()  # (R, C/2+1)
+    power = (torch.view_as_complex(fdw.spectrum.detach().double()) * fdw.scale).abs().square().t()  # (R, C/2+1)
     weight = torch.full((power.shape[1],), 2.0, dtype=torch.float64)
     weight[0] = 1
     if fdw.cols % 2 == 0:
@@ -102,7 +102,7 @@ def group_diversity(layer: FDConv2d | FDLinear, seed: int = 0) -> dict[str, Any]
         'dense_init_experts': _mean_abs_off_diagonal(_cosine_matrix(noisy)),
         'sum_error': float((kernels.double().sum(0) - dense.double()).abs().max() / dense.abs().max()),
         'profiles': radial_profiles(layer),
-        'magnitude': torch.view_as_complex(layer.fdw.spectrum.detach().double()).abs().t(),  # (R, C/2+1)
+        'magnitude': (torch.view_as_complex(layer.fdw.spectrum.detach().double()) * layer.fdw.scale).abs().t(),
         'group_of_bin': layer.fdw.group_of_bin.detach().clone(),
     }
 
@@ -145,8 +145,8 @@ def per_sample_kernels(layer: FDConv2d | FDLinear, x: torch.Tensor) -> tuple[tor
     kernel matrix) of a layer for its input ``x``, computed the way its forward does."""
     att, taps, windows, channel = layer.kernel_modulation(layer._tokens(x))
     fdw = layer.fdw
-    kernels = synthesize(fdw.spectrum, fdw.indices(), att.kernel, taps, windows, channel, fdw.kernel_size,
-                         layer.groups)
+    kernels = synthesize(fdw.spectrum, fdw.indices(), fdw.operator_attention(att.kernel), taps, windows, channel,
+                         fdw.kernel_size, layer.groups)
     b, k = kernels.shape[0], fdw.kernel_size
     view = kernels.view(b, fdw.out_channels, k, -1, k)
     if att.spatial is not None:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from . import models as _models  # noqa: F401  registers the FDConv families
 from .atomic import atomic_dir
+from .layers.fdw import FourierDisjointWeight, upgrade_spectrum
 from .layers.reference import check_keys_and_shapes
 from .models._fdconv import FDCONV_PAPER, describe_origin, fdconv_checkpoint_filter
 
@@ -178,6 +179,12 @@ def load_checkpoint(folder: str | os.PathLike, **kwargs: Any) -> torch.nn.Module
 
 def _load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: Path | str) -> None:
     own = model.state_dict()
+    try:
+        for name, module in model.named_modules():
+            if isinstance(module, FourierDisjointWeight):  # checkpoints before the orthonormal scale
+                upgrade_spectrum(state_dict, f'{name}.', module.scale)
+    except ValueError as e:
+        raise HubError(f"{source}: {e}") from None
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if missing or unexpected:
@@ -258,7 +265,7 @@ def info(path_or_repo: str, revision: str | None = None) -> dict[str, Any]:
         with torch.device('meta'):  # parameter names without allocating them
             params = {n for n, _ in build_model(config, folder / CONFIG).named_parameters()}
     else:  # no config: everything but the usual buffers (BatchNorm statistics, FDConv's group maps)
-        buffers = ('.running_mean', '.running_var', '.num_batches_tracked', '.group_of_bin')
+        buffers = ('.running_mean', '.running_var', '.num_batches_tracked', '.group_of_bin', '.spectrum_scale')
         params = {k for k in shapes if not k.endswith(buffers)}
     layers = sorted({k[:-len('.fdw.spectrum')] for k in shapes if k.endswith('.fdw.spectrum')})
     config = config or {}

@@ -41,7 +41,8 @@ def naive_fdconv(layer: FDConv2d, x: torch.Tensor) -> torch.Tensor:
         s = (layer.att_multi * torch.sigmoid(g_mod.spatial_fc(hid) / g_mod.temperature)
              if g_mod.spatial_fc is not None else torch.ones(1)).view(k, k)
         a = 2 * torch.sigmoid(g_mod.kernel_fc(hid) / g_mod.kernel_temperature)
-        spec = torch.view_as_complex(layer.fdw.spectrum).t() * a[layer.fdw.group_of_bin]  # stored column-major
+        spec = torch.view_as_complex(layer.fdw.spectrum).t() * layer.fdw.scale  # stored column-major, orthonormal
+        spec = spec * a[layer.fdw.group_of_bin]
         matrix = torch.fft.irfft2(spec, s=(cout * k, cg * k))
         if loc is not None:
             q = loc.norm(p)

@@ -61,8 +61,8 @@ def test_two_process_data_parallel_run_learns_digits(digits_dataset, tmp_path):
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
            '--num_machines', '1', '--main_process_port', '0', '--mixed_precision', 'no', '--dynamo_backend', 'no',
            str(ROOT / 'scripts' / 'finetune.py'), *SMALL_RESNET, '--no-pretrained',
-           '--dataset', digits_dataset, '--img-size', '32', '--batch-size', '32', '--epochs', '3', '--lr', '3e-3',
-           '--warmup-epochs', '0', '--workers', '0', '--expect-num-processes', '2', '--no-augment',
+           '--dataset', digits_dataset, '--img-size', '32', '--batch-size', '32', '--epochs', '8', '--lr', '3e-3',
+           '--workers', '0', '--expect-num-processes', '2',
            '--output-dir', str(tmp_path / 'run')]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -70,8 +70,8 @@ def test_two_process_data_parallel_run_learns_digits(digits_dataset, tmp_path):
     assert results['num_processes'] == 2
     assert results['samples'] == 360  # every validation image once, none twice
     losses = [h['loss'] for h in results['train_loss']]
-    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
-    assert results['top1'] > 60, results['top1']  # chance is 10
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])  # under timm's default augmentation
+    assert results['top1'] > 70, results['top1']  # chance is 10; the dense resnet18 reaches 84
     config = json.loads((tmp_path / 'run' / 'model' / 'config.json').read_text())
     assert config['label_names'] == [str(i) for i in range(10)]
     assert config['pretrained_cfg']['input_size'] == [3, 32, 32]
@@ -206,6 +206,14 @@ def test_image_folders_with_timm_training_parts_and_push(hub, tmp_path):
     from fdconv_zoo.hub import push
     assert push(tmp_path / 'run', 'zoo-test/run-folder') == 'zoo-test/run-folder'  # the run folder itself
     assert hub.state.repos['zoo-test/run-folder'].files['model.safetensors'] == pushed['model.safetensors']
+    # the fine-tune's export loads in transformers with its class names and timm's logits
+    from transformers import AutoModelForImageClassification
+    hf = AutoModelForImageClassification.from_pretrained(str(tmp_path / 'run' / 'model')).eval()
+    assert hf.config.id2label[0] == 'digit_0'
+    reference = timm.create_model(f"local-dir:{tmp_path / 'run' / 'model'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (hf(pixel_values=x).logits - reference(x)).abs().max() <= 1e-6
 
 
 def test_missing_or_malformed_dataset_is_one_clear_error(tmp_path, capsys):

@@ -37,7 +37,8 @@ def _layer_inputs(layer: FDConv2d, x: torch.Tensor) -> dict:
     stride, padding, pre_pad, dilation, mode = layer._conv_options()
     return dict(
         x=leaf(x), band_scale=leaf(layer.fbm.band_scale(x)) if layer.fbm is not None else None,
-        spectrum=leaf(layer.fdw.spectrum), group_index=layer.fdw.indices(), attention=leaf(att.kernel),
+        spectrum=leaf(layer.fdw.spectrum), group_index=layer.fdw.indices(),
+        attention=leaf(layer.fdw.operator_attention(att.kernel)),
         taps=leaf(layer.ksm_local.taps()), windows=leaf(layer.ksm_local(pooled)), channel=leaf(att.channel * 2),
         spatial=leaf(att.spatial), filter_attention=leaf(att.filter), bias=leaf(layer.bias),
         kernel_size=layer.fdw.kernel_size, groups=layer.groups, stride=stride, padding=padding, dilation=dilation,

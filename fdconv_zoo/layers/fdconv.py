@@ -184,9 +184,9 @@ class _FrequencyDynamicLayer(nn.Module):
             band_scale = self.fbm.band_scale(x) if self.fbm is not None else None
         stride, padding, pre_pad, dilation, mode = self._conv_options()
         return dynamic_conv(
-            x, band_scale, self.fdw.spectrum, self.fdw.indices(), att.kernel, taps, windows, channel, att.spatial,
-            att.filter, self.bias, self.fdw.kernel_size, self.groups, stride, padding, dilation, pre_pad, mode,
-            list(self.fbm.cutoffs) if self.fbm is not None else [])
+            x, band_scale, self.fdw.spectrum, self.fdw.indices(), self.fdw.operator_attention(att.kernel), taps,
+            windows, channel, att.spatial, att.filter, self.bias, self.fdw.kernel_size, self.groups, stride, padding,
+            dilation, pre_pad, mode, list(self.fbm.cutoffs) if self.fbm is not None else [])
 
 
 @register_notrace_module

@@ -94,16 +94,18 @@ def reference_to_native(
         expected = (1, layer.fdw.rows, layer.fdw.cols // 2 + 1, 2)
         if tuple(dft.shape) != expected:
             raise ValueError(f"reference key 'dft_weight' has shape {tuple(dft.shape)}, expected {expected}")
-        native['fdw.spectrum'] = (dft[0] * reference_scale(layer)).transpose(0, 1).contiguous()
+        spectrum = (dft[0].double() * reference_scale(layer)).transpose(0, 1)
     elif 'weight' in sd:
         weight = sd.pop('weight')
         if weight.ndim == 2:  # a linear layer's (Cout, Cin) is the k = 1 case
             weight = weight[:, :, None, None]
         if tuple(weight.shape) != layer.fdw.weight_shape:
             raise ValueError(f"key 'weight' has shape {tuple(weight.shape)}, expected {layer.fdw.weight_shape}")
-        native['fdw.spectrum'] = dense_spectrum(weight).float()
+        spectrum = dense_spectrum(weight)
     else:
         raise KeyError("reference state dict has neither 'dft_weight' nor 'weight'")
+    native['fdw.spectrum'] = (spectrum / layer.fdw.scale).float().contiguous()
+    native['fdw.spectrum_scale'] = torch.tensor(layer.fdw.scale)
     if 'bias' in sd:
         native['bias'] = sd.pop('bias')
 

@@ -14,6 +14,7 @@ from timm.models import build_model_with_cfg, get_pretrained_cfg
 
 from ..layers import FDConv2d, FDLinear
 from ..layers.fdconv import check_options
+from ..layers.fdw import upgrade_spectrum
 from ..layers.reference import reference_to_native
 
 FDCONV_PAPER = 'arXiv:2503.18783'
@@ -54,6 +55,7 @@ def fdconv_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Modu
             continue
         prefix = f'{name}.'
         if f'{prefix}fdw.spectrum' in out:
+            upgrade_spectrum(out, f'{prefix}fdw.', module.fdw.scale)  # checkpoints before the orthonormal scale
             continue
         layer_sd = {k[len(prefix):]: out.pop(k) for k in list(out) if k.startswith(prefix)}
         layer_own = {k[len(prefix):]: v for k, v in own.items() if k.startswith(prefix)}

@@ -157,12 +157,16 @@ def test_torchscript_is_one_clear_error():
         torch.jit.script(model)
 
 
-def test_truncated_checkpoint_under_local_dir_names_the_file(tmp_path):
+def test_truncated_checkpoint_under_local_dir_or_hf_hub_names_the_file(tmp_path, hub):
     folder = fdconv_zoo.save_for_hf(timm.create_model('resnet18_fdconv', **TINY_RESNET), tmp_path / 'm')
     weights = folder / 'model.safetensors'
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match=f'{weights} is not a readable safetensors file'):
         timm.create_model(f'local-dir:{folder}', pretrained=True)
+    hub.add_files('zoo-test/truncated', {'config.json': (folder / 'config.json').read_bytes(),
+                                         'model.safetensors': weights.read_bytes()})
+    with pytest.raises(ValueError, match=r'hf-hub:zoo-test/truncated \(model.safetensors\) is not a readable'):
+        timm.create_model('hf-hub:zoo-test/truncated', pretrained=True)
 
 
 def test_provenance_of_a_model_never_initialised_from_weights(tmp_path):

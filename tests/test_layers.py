@@ -472,10 +472,10 @@ def test_checkpoint_with_the_unnormalised_spectrum_still_loads():
         scale = model.get_submodule(key[:-len('.spectrum')]).scale if key.endswith('fdw.spectrum') else 1.0
         old[key] = value * scale if key.endswith('fdw.spectrum') else value
     x = torch.randn(1, 3, 32, 32)
-    for load in ('state_dict', 'filter'):
+    for how in ('state_dict', 'filter'):
         fresh = timm.create_model('resnet18_fdconv', channels=[16, 16, 32, 32], stem_width=16, layers=[1, 1, 1, 1],
                                   num_freq_groups=8).eval()
-        sd = dict(old) if load == 'state_dict' else fdconv_checkpoint_filter(dict(old), fresh)
+        sd = dict(old) if how == 'state_dict' else fdconv_checkpoint_filter(dict(old), fresh)
         fresh.load_state_dict(sd, strict=True)
         with torch.no_grad():
             torch.testing.assert_close(fresh(x), model(x), rtol=1e-5, atol=1e-6)

@@ -74,9 +74,13 @@ def test_two_process_run_learns_the_textures_and_its_export_reloads(mosaics, tmp
 def test_one_process_batch4_equals_two_processes_batch2(mosaics, tmp_path):
     """Data-parallel training is the same computation as one process on the whole batch: augmentation per image
     from its own seed, an encoder (ConvNeXt: LayerNorm) and decoder (FPN: GroupNorm) without batch statistics
-    (smp's UPerNet keeps a BatchNorm in its pyramid pooling whatever --decoder-norm says), and no dropout."""
+    (smp's UPerNet keeps a BatchNorm in its pyramid pooling whatever --decoder-norm says), and no dropout. The
+    resize ratio stays >= 1: an image scaled below the crop is padded with the ignore index, and each process
+    then averages its loss over its own count of labelled pixels (as mmseg does), which is not the mean over
+    the whole batch."""
     no_dropout = [*SMALL[:7], 'decoder_dropout=0', *SMALL[7:]]  # appended to --model-kwargs
     common = [str(ROOT / 'scripts' / 'segment.py'), *no_dropout, *folders(mosaics), '--decoder', 'fpn',
+              '--ratio-range', '1.0', '2.0',
               '--max-steps', '3', '--epochs', '1', '--lr', '1e-3', '--workers', '0', '--num-visualized', '0']
     runs = {'one': [*LAUNCH, '--num_processes', '1', *common, '--batch-size', '4', '--expect-num-processes', '1'],
             'two': [*LAUNCH, '--multi_gpu', '--num_processes', '2', *common, '--batch-size', '2',
@@ -87,8 +91,11 @@ def test_one_process_batch4_equals_two_processes_batch2(mosaics, tmp_path):
                               timeout=900)
         assert proc.returncode == 0, proc.stderr[-5000:]
         weights[name] = load_file(str(tmp_path / name / 'model' / 'model.safetensors'))
+    # a tenth of one AdamW step (lr 1e-3): Adam's per-element normalisation magnifies the rounding of a different
+    # reduction order in parameters whose gradient is near zero (the modulation heads start at zero); a real
+    # difference (the padded mean above) moves weights by whole steps
     for key, value in weights['one'].items():
-        torch.testing.assert_close(weights['two'][key], value, atol=2e-5, rtol=1e-4, msg=key)
+        torch.testing.assert_close(weights['two'][key], value, atol=1e-4, rtol=1e-4, msg=key)
 
 
 def test_killed_run_resumes_bit_identical(mosaics, tmp_path):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .training import TrainerState, _evaluate_and_log, _update, save_checkpoint, seeded_rng
+from .training import TrainerState, evaluate_and_log, save_checkpoint, seeded_rng, update_step
 
 SHUFFLE_BUFFER = 4096  # timm's train.py for hfids/
 
@@ -99,14 +99,14 @@ def train_stream(accelerator, args: argparse.Namespace, model: nn.Module, optimi
         produced = False
         for batch in loader:
             produced = True
-            if not _update(accelerator, args, model, optimizer, scheduler, send_to_device(batch, accelerator.device),
-                           loss_fn, state, ema, bar):
+            batch = send_to_device(batch, accelerator.device)
+            if not update_step(accelerator, args, model, optimizer, scheduler, batch, loss_fn, state, ema, bar):
                 continue
             bar.update(1)
             state.epoch = rows.epoch
             if every and state.step % every == 0 and state.step < args.max_steps:
                 save_checkpoint(accelerator, ckpt_root, state, rows)
-                _evaluate_and_log(accelerator, args, evaluate, state, f'update {state.step}')
+                evaluate_and_log(accelerator, args, evaluate, state, f'update {state.step}')
                 model.train()
             if state.step >= args.max_steps:
                 break
@@ -116,7 +116,7 @@ def train_stream(accelerator, args: argparse.Namespace, model: nn.Module, optimi
             rows.set_epoch(rows.epoch + 1)
             rows.position = 0
     bar.close()
-    return _evaluate_and_log(accelerator, args, evaluate, state, f'update {state.step}')
+    return evaluate_and_log(accelerator, args, evaluate, state, f'update {state.step}')
 
 
 # ------------------------------------------------------------------- what a task calls, streamed or not

@@ -269,7 +269,7 @@ def resume(accelerator, root: Path, spec: str | None, stream=None) -> TrainerSta
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-def _update(accelerator, args: argparse.Namespace, model: nn.Module, optimizer, scheduler, batch,
+def update_step(accelerator, args: argparse.Namespace, model: nn.Module, optimizer, scheduler, batch,
             loss_fn: Callable[[nn.Module, Any], torch.Tensor], state: TrainerState, ema, bar) -> bool:
     """One batch: forward, backward, and at the end of an accumulation the optimizer step, scheduler, EMA and
     logging. True when an update was made."""
@@ -296,7 +296,7 @@ def _update(accelerator, args: argparse.Namespace, model: nn.Module, optimizer, 
     return True
 
 
-def _evaluate_and_log(accelerator, args: argparse.Namespace, evaluate: Callable[[], dict[str, float]],
+def evaluate_and_log(accelerator, args: argparse.Namespace, evaluate: Callable[[], dict[str, float]],
                       state: TrainerState, what: str) -> dict[str, float]:
     metrics = evaluate()
     accelerator.print(f"{what}: " + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float)))
@@ -326,14 +326,14 @@ def train_loop(accelerator, args: argparse.Namespace, model: nn.Module, optimize
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         bar = tqdm(batches, disable=not accelerator.is_local_main_process, desc=f'epoch {epoch}')
         for batch_idx, batch in enumerate(bar, start=skip):
-            if not _update(accelerator, args, model, optimizer, scheduler, batch, loss_fn, state, ema, bar):
+            if not update_step(accelerator, args, model, optimizer, scheduler, batch, loss_fn, state, ema, bar):
                 continue
             state.epoch, state.batches_in_epoch = epoch, batch_idx + 1
             if every and state.step % every == 0:
                 save_checkpoint(accelerator, ckpt_root, state)
             if state.step >= max_steps:
                 break
-        metrics = _evaluate_and_log(accelerator, args, evaluate, state, f'epoch {epoch}')
+        metrics = evaluate_and_log(accelerator, args, evaluate, state, f'epoch {epoch}')
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         if every is None and state.step < max_steps:
             save_checkpoint(accelerator, ckpt_root, state)

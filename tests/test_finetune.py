@@ -264,7 +264,9 @@ def test_several_processes_launched_without_data_parallelism_stop_with_one_line(
            '--output-dir', str(tmp_path / 'run')]
     proc = subprocess.run(cmd, env={**env, 'CUDA_VISIBLE_DEVICES': ''}, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if line.startswith('finetune: ')]
-    assert len(lines) == 2 and all('ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2' in line
-                                   for line in lines), proc.stderr[-3000:]
+    # one line per process that got to say it (the launcher stops the other when the first exits; their lines
+    # may interleave)
+    said = proc.stderr.count('finetune: launched as one of 2 processes, but accelerate runs this one alone')
+    assert 1 <= said <= 2, proc.stderr[-3000:]
+    assert 'data parallelism needs `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2' in proc.stderr
     assert not (tmp_path / 'run' / 'model').exists()

@@ -41,7 +41,8 @@ def process_part(stream, accelerator, args: argparse.Namespace):
 
 
 def to_stream(ds, accelerator):
-    """A map-style ``datasets.Dataset`` (a save_to_disk folder) as a stream of shards that divide evenly."""
+    """A map-style ``datasets.Dataset`` (a save_to_disk folder) as a stream of 8 shards per process (fewer, and
+    then each process reads all and keeps its share, when the dataset has fewer rows)."""
     shards = min(len(ds), max(accelerator.num_processes * 8, 8))
     return ds.to_iterable_dataset(num_shards=max(shards, 1))
 

@@ -41,6 +41,7 @@ from .training import (
     make_accelerator,
     make_loader,
     parse_model_kwargs,
+    run_length,
     run_main,
     select_trainable,
     unsharded,
@@ -146,7 +147,6 @@ def _add_object(record: dict[str, Any], xywh, label: int, crowd: bool, segmentat
 
 def _hf_category_names(ds) -> list[str] | None:
     """Class names from the ClassLabel of ``objects.category``, if it is one."""
-    import datasets
     objects = ds.features['objects']
     category = objects.feature['category'] if hasattr(objects, 'feature') else objects['category']
     category = getattr(category, 'feature', category)
@@ -430,7 +430,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                     weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader, updates_per_epoch = prepare(accelerator, args, model, optimizer,
                                                                             train_loader, val_loader)
-    total = args.max_steps or updates_per_epoch * args.epochs
+    total = run_length(args, updates_per_epoch)
     warmup = fit_warmup(accelerator, args.warmup_iters + int(args.warmup_epochs * updates_per_epoch), total,
                         '--warmup-iters/--warmup-epochs')
     scheduler = MultiStepLRScheduler(  # the 1x schedule: x0.1 at 8/12 and 11/12 of the run

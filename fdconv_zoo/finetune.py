@@ -235,8 +235,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                     momentum=args.momentum, layer_decay=args.layer_decay)
     model, optimizer, train_loader, val_loader, updates_per_epoch = prepare(accelerator, args, model, optimizer,
                                                                             train_loader, val_loader)
-    scheduler = make_scheduler(accelerator, optimizer, args, updates_per_epoch,
-                               args.max_steps or updates_per_epoch * args.epochs, sched=args.sched)
+    scheduler = make_scheduler(accelerator, optimizer, args, updates_per_epoch, sched=args.sched)
     ema = None
     if args.model_ema:
         ema = ModelEmaV3(accelerator.unwrap_model(model), decay=args.model_ema_decay)

@@ -420,8 +420,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = create_optimizer_v2(model, opt='adamw', lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader, updates_per_epoch = prepare(accelerator, args, model, optimizer,
                                                                             train_loader, val_loader)
-    scheduler = make_scheduler(accelerator, optimizer, args, updates_per_epoch,
-                               args.max_steps or updates_per_epoch * args.epochs, sched='poly',
+    scheduler = make_scheduler(accelerator, optimizer, args, updates_per_epoch, sched='poly',
                                decay_rate=args.poly_power, warmup_lr=args.lr * 1e-3 if args.warmup_epochs else 0)
     criterion = nn.CrossEntropyLoss(ignore_index=ignore)
 

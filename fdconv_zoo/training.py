@@ -305,6 +305,11 @@ def evaluate_and_log(accelerator, args: argparse.Namespace, evaluate: Callable[[
     return metrics
 
 
+def run_length(args: argparse.Namespace, updates_per_epoch: int) -> int:
+    """Updates in the run: --max-steps, else the epochs'."""
+    return args.max_steps or updates_per_epoch * args.epochs
+
+
 def train_loop(accelerator, args: argparse.Namespace, model: nn.Module, optimizer, scheduler, loader,
                loss_fn: Callable[[nn.Module, Any], torch.Tensor], evaluate: Callable[[], dict[str, float]],
                state: TrainerState, updates_per_epoch: int, ema=None) -> dict[str, float] | None:
@@ -314,7 +319,7 @@ def train_loop(accelerator, args: argparse.Namespace, model: nn.Module, optimize
     from tqdm.auto import tqdm
     ckpt_root = Path(args.output_dir) / 'checkpoints'
     every = None if args.checkpoint_every == 'epoch' else int(args.checkpoint_every)
-    max_steps = args.max_steps or updates_per_epoch * args.epochs
+    max_steps = run_length(args, updates_per_epoch)
     metrics = None
     model.train()
     for epoch in range(state.epoch, args.epochs):
@@ -371,11 +376,11 @@ def fit_warmup(accelerator, warmup: int, total: int, flag: str) -> int:
     return limit
 
 
-def make_scheduler(accelerator, optimizer, args: argparse.Namespace, updates_per_epoch: int, total: int,
-                   **kwargs: Any):
-    """timm's ``create_scheduler_v2`` stepped per update over the run's ``total`` updates (``--max-steps``, else
-    the epochs), its warmup fitted to the run (:func:`fit_warmup`); registered for checkpointing."""
+def make_scheduler(accelerator, optimizer, args: argparse.Namespace, updates_per_epoch: int, **kwargs: Any):
+    """timm's ``create_scheduler_v2`` stepped per update over the run's updates (:func:`run_length`), its warmup
+    fitted to the run (:func:`fit_warmup`); registered for checkpointing."""
     from timm.scheduler import create_scheduler_v2
+    total = run_length(args, updates_per_epoch)
     warmup = fit_warmup(accelerator, round(args.warmup_epochs * updates_per_epoch), total, '--warmup-epochs')
     scheduler, _ = create_scheduler_v2(
         optimizer, num_epochs=total / updates_per_epoch, warmup_epochs=warmup / updates_per_epoch, min_lr=args.min_lr,

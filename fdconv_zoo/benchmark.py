@@ -57,7 +57,7 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]
     model.eval()
     x = torch.randn(input_size, device=next(model.parameters()).device)
     counter = FlopCounterMode(display=False, custom_mapping=FFT_FLOPS)
-    with counter:  # the fdconv operators count through their registered formulas (layers/ops.py)
+    with counter:  # the fdconv operators count through their registered formulas (layers/ops/registry.py)
         model(x)
     model.train(was_training)
     per_op = counter.get_flop_counts()['Global']

@@ -1,5 +1,5 @@
 """Export FDConv models with a dynamic batch: ``torch.export`` programs (.pt2, the fdconv operators kept; load
-with ``import fdconv_zoo``) and ONNX (the operators decomposed into ops.portable_dynamic_conv: the inverse FFTs
+with ``import fdconv_zoo``) and ONNX (the operators decomposed into layers/ops/portable.py: the inverse FFTs
 as matrix products), each checked against eager PyTorch after writing."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.utils._sympy.numbers import int_oo
 
 from .atomic import publish
-from .layers import ops
+from .layers.ops.portable import portable_dynamic_conv
 
 FORMATS = ('onnx', 'pt2')
 VERIFY_BATCHES = (1, 3, 8)
@@ -120,7 +120,7 @@ def export(model: nn.Module, fmt: str, out: str | os.PathLike, img_size: list[in
         if fmt == 'pt2':
             torch.export.save(exported, str(tmp))
         else:
-            decomposed = exported.run_decompositions({torch.ops.fdconv.dynamic_conv.default: ops.portable_dynamic_conv})
+            decomposed = exported.run_decompositions({torch.ops.fdconv.dynamic_conv.default: portable_dynamic_conv})
             # without the onnxscript optimizer: 4 of ResNet-50's 5 export minutes here, and onnxruntime optimizes
             # the graph at load (same latency measured either way)
             onnx_program = torch.onnx.export(decomposed, dynamo=True, opset_version=opset, verbose=False,

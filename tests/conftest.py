@@ -38,3 +38,36 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
+
+
+def rel_err(a, b) -> float:
+    """Largest difference relative to the largest value of ``b`` (0 where both are all zeros), in float32."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(params=['fused', 'torch'])
+def loops(request) -> str:
+    """Run a float32 CPU test with the fused loops of ``native`` (the operators' CPU kernels) and again with the
+    operators' PyTorch code (what CUDA and other devices run), through the public switch."""
+    from fdconv_zoo.layers import native_kernels
+    from fdconv_zoo.layers.ops import native
+    if request.param == 'fused':
+        assert native.library() is not None, "the fused CPU loops did not build on this machine"
+    with native_kernels(request.param == 'fused'):
+        yield request.param
+
+
+def _devices() -> list:
+    import torch
+    params = [pytest.param(('cpu', torch.float32), id='cpu')]
+    if torch.cuda.is_available():
+        params += [pytest.param(('cuda', torch.float32), id='cuda'),
+                   pytest.param(('cuda', torch.bfloat16), id='cuda-bf16')]
+    return params
+
+
+@pytest.fixture(params=_devices())
+def device(request):
+    """(device, dtype) to run on: the CPU, and where a GPU is present CUDA in float32 and bfloat16, so that a
+    GPU machine checks the CUDA path against the CPU one."""
+    return request.param

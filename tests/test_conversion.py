@@ -5,13 +5,10 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from conftest import rel_err
 
 from fdconv_zoo import FDConv2d, FDLinear, convert_to_fdconv
 from fdconv_zoo.benchmark import liven_
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize('conv,shape', [

@@ -4,32 +4,20 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import warnings
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import rel_err
 from naive import naive_fdconv, randomize_
 from safetensors.torch import load, save
 
 from fdconv_zoo import FDConv2d, FDLinear
-from fdconv_zoo.layers import FBM, fourier_basis, native, radial_grouping
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-@pytest.fixture(params=['fused', 'torch'])
-def loops(request, monkeypatch) -> str:
-    """Run a float32 CPU test with the fused loops of ``native`` (the operators' CPU kernels) and again with the
-    operators' PyTorch code (what CUDA and other devices run)."""
-    if request.param == 'torch':
-        monkeypatch.setitem(native._state, 'lib', None)
-    else:
-        assert native.library() is not None, "the fused CPU loops did not build on this machine"
-    return request.param
+from fdconv_zoo.layers import FBM, fourier_basis, native_kernels, radial_grouping
+from fdconv_zoo.layers.ops import native
 
 
 @pytest.mark.parametrize('cin,cout,k,stride,dilation,groups,n', [
@@ -117,7 +105,7 @@ def test_fbm_bands_equal_masked_fft_for_every_size_and_cached():
     assert fourier_basis(h, cutoffs, torch.device('cpu'), torch.float64)[0] is basis_h
 
 
-def test_fused_band_modulation_matches_torch_code(monkeypatch):
+def test_fused_band_modulation_matches_torch_code():
     """FBM without autograd runs as one fused loop; it equals the PyTorch code for square, odd, wide (several
     chunks of vectors), single-pixel and non-default cut-offs, at batch 1 and 2."""
     assert native.library() is not None, "the fused CPU loops did not build on this machine"
@@ -128,11 +116,10 @@ def test_fused_band_modulation_matches_torch_code(monkeypatch):
         nn.init.normal_(fbm.band_conv.weight, std=0.3)
         nn.init.normal_(fbm.band_conv.bias)
         x = torch.randn(shape)
-        with torch.no_grad():
+        with torch.no_grad(), native_kernels(True):
             fused = fbm(x)
-            monkeypatch.setitem(native._state, 'lib', None)
-            expected = fbm(x)
-            monkeypatch.undo()
+            with native_kernels(False):
+                expected = fbm(x)
         assert rel_err(fused, expected) < 1e-5, (shape, cutoffs)
 
 
@@ -201,7 +188,7 @@ def _check_against_autograd(layer: nn.Module) -> None:
         assert rel_err(p.grad, ref_params[name].grad) < 1e-4, name
 
 
-def test_fused_loops_match_torch_code(monkeypatch):
+def test_fused_loops_match_torch_code():
     """The fused CPU loops and the PyTorch code give the same outputs and gradients (inference and training,
     batch 1 and 2, rows of 16*k values and ragged tails, uint8 and int32 group indices, every compile-time
     local conv size; the fused path folds the channel attention into the kernels)."""
@@ -219,24 +206,31 @@ def test_fused_loops_match_torch_code(monkeypatch):
         shape = (batch, 5, layer.in_features) if isinstance(layer, FDLinear) else (batch, layer.in_channels, 7, 6)
         x = torch.randn(shape)
         results = []
-        for loops in (None, lib):  # PyTorch code first: the reference
-            monkeypatch.setitem(native._state, 'lib', loops)
-            with torch.no_grad():
-                y_eval = layer(x)
-            inp = x.clone().requires_grad_()
-            layer.zero_grad()
-            layer(inp).square().sum().backward()
+        for fused in (False, True):  # PyTorch code first: the reference
+            with native_kernels(fused):
+                with torch.no_grad():
+                    y_eval = layer(x)
+                inp = x.clone().requires_grad_()
+                layer.zero_grad()
+                layer(inp).square().sum().backward()
             results.append([y_eval, inp.grad] + [p.grad.clone() for p in layer.parameters()])
         for fused in results[1:]:
             for got, expected in zip(fused, results[0], strict=True):
                 assert rel_err(got, expected) < 1e-5
 
 
-def test_without_mkl_fft_the_operators_run_their_pytorch_code(monkeypatch):
+@pytest.fixture
+def reloads_library():
+    """For a test that loads the library again under other conditions: the real one is found again after it
+    (request this fixture before monkeypatch, so that it is torn down after monkeypatch's undo)."""
+    yield
+    assert native.library(reload=True) is not None
+
+
+def test_without_mkl_fft_the_operators_run_their_pytorch_code(reloads_library, monkeypatch):
     """Where torch has no MKL the loops are not used at all (they call MKL's FFT); the layer still works."""
     monkeypatch.setattr(torch.backends.mkl, 'is_available', lambda: False)
-    monkeypatch.setattr(native, '_state', {})
-    assert native.library() is None
+    assert native.library(reload=True) is None
     layer = FDConv2d(24, 40, 3, padding=1, num_freq_groups=16)
     x = torch.randn(2, 24, 7, 7)
     expected = naive_fdconv(layer, x)
@@ -244,45 +238,39 @@ def test_without_mkl_fft_the_operators_run_their_pytorch_code(monkeypatch):
         assert rel_err(layer(x), expected) < 1e-5
 
 
-def test_fused_loops_are_built_once_per_machine(monkeypatch, tmp_path):
+def test_fused_loops_are_built_once_per_machine(reloads_library, monkeypatch, tmp_path):
     """The library is compiled into the cache once (atomically: no temporary file stays), then loaded."""
     monkeypatch.setenv('FDCONV_ZOO_CACHE', str(tmp_path))
-    monkeypatch.setattr(native, '_state', {})
-    assert native.library() is not None
+    assert native.library(reload=True) is not None
     (built,) = tmp_path.iterdir()
     assert built.suffix == '.so'
     stamp = built.stat().st_mtime_ns
-    monkeypatch.setattr(native, '_state', {})
-    assert native.library() is not None
+    assert native.library(reload=True) is not None
     assert list(tmp_path.iterdir()) == [built] and built.stat().st_mtime_ns == stamp
 
 
-def test_fused_loops_fall_back_with_one_warning(monkeypatch, tmp_path):
-    """No compiler, a failing build, or FDCONV_ZOO_NATIVE=0: the PyTorch code runs, with one clear warning
-    (none when switched off), and no half-written library is left in the cache."""
+def test_fused_loops_fall_back_with_one_warning(reloads_library, monkeypatch, tmp_path):
+    """No compiler or a failing build: the PyTorch code runs, with one clear warning (none when the switch is
+    off: then nothing is built), and no half-written library is left in the cache."""
     cache, bin_dir = tmp_path / 'cache', tmp_path / 'bin'
     bin_dir.mkdir()
     monkeypatch.setenv('FDCONV_ZOO_CACHE', str(cache))
     monkeypatch.setenv('CXX', 'no-such-compiler-fdconv')
-    monkeypatch.setattr(native, '_state', {})
     with pytest.warns(RuntimeWarning, match='no C.. compiler'):
-        assert native.library() is None
+        assert native.library(reload=True) is None
     broken = bin_dir / 'broken-c++'  # answers --version, then fails the compilation with a message
     broken.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo broken 1.0; exit 0; }\n'
                       'echo "native.cpp:1: error: broken compiler" >&2; exit 1\n')
     broken.chmod(0o755)
     monkeypatch.setenv('CXX', str(broken))
-    monkeypatch.setattr(native, '_state', {})
     with pytest.warns(RuntimeWarning, match='building the fused CPU loops failed.*broken compiler'):
-        assert native.library() is None
+        assert native.library(reload=True) is None
     assert list(cache.iterdir()) == []  # the temporary output is gone
-    monkeypatch.setenv('FDCONV_ZOO_NATIVE', '0')
-    monkeypatch.setattr(native, '_state', {})
-    assert native.library() is None
     conv = nn.Conv2d(8, 8, 3, padding=1)
     x = torch.randn(2, 8, 5, 5)
     with torch.no_grad():
         assert rel_err(FDConv2d.from_dense(conv)(x), conv(x)) < 1e-5
+
 
 
 def test_batch_one_training_step_reaches_every_part():

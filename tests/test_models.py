@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import rel_err
 from safetensors.torch import save
 from timm.models import save_for_hf
 
@@ -16,10 +17,6 @@ FAMILIES = [
     ('convnext_tiny_fdconv.fb_in22k_ft_in1k', 'convnext_tiny', 128),
     ('swin_tiny_patch4_window7_224_fdconv.ms_in1k', 'swin_tiny_patch4_window7_224', 224),
 ]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def serve_dense(hub, dense_name: str, tag_name: str, seed: int = 0, **kwargs) -> torch.nn.Module:

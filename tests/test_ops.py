@@ -1,32 +1,26 @@
 """The fdconv operators: torch.library's checks, both implementations, bad group ids, compile of whole models."""
 from __future__ import annotations
 
+import gc
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
 import timm
 import torch
+from conftest import rel_err
 from naive import naive_fdconv, randomize_
 from safetensors.torch import load, save
 
 import fdconv_zoo  # noqa: F401  registers the models
 from fdconv_zoo import FDConv2d
 from fdconv_zoo.benchmark import liven_
-from fdconv_zoo.layers import native, ops
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest difference relative to the largest value (0 where both are all zeros)."""
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-
-
-@pytest.fixture(params=['fused', 'torch'])
-def loops(request, monkeypatch) -> str:
-    if request.param == 'torch':
-        monkeypatch.setitem(native._state, 'lib', None)
-    else:
-        assert native.library() is not None, "the fused CPU loops did not build on this machine"
-    return request.param
+from fdconv_zoo.layers import native_kernels, ops
+from fdconv_zoo.layers.ops import native
+from fdconv_zoo.layers.ops.portable import portable_dynamic_conv
+from fdconv_zoo.layers.ops.synthesis import local_logits
 
 
 def _layer_inputs(layer: FDConv2d, x: torch.Tensor) -> dict:
@@ -84,7 +78,7 @@ def test_synthesize_and_band_modulation_gradients_match_autograd(loops):
     got = torch.autograd.grad(p, [kw[n] for n in ('spectrum', 'attention', 'taps', 'windows', 'channel')], grad)
     spec = torch.view_as_complex(kw['spectrum']).t() * kw['attention'][:, layer.fdw.group_of_bin]
     m = torch.fft.irfft2(spec, s=(72, 48))
-    logits = ops._local_logits(kw['taps'], kw['windows'], 72, 3, 1)
+    logits = local_logits(kw['taps'], kw['windows'], 72, 3, 1)
     expected_p = m * torch.sigmoid(logits) * kw['channel'].repeat_interleave(3, 1)[:, None]
     expected = torch.autograd.grad(expected_p, [kw[n] for n in ('spectrum', 'attention', 'taps', 'windows',
                                                                 'channel')], grad)
@@ -179,7 +173,7 @@ def test_irfft2_by_matrix_products(rows, cols):
     the columns) equals torch.fft.irfft2 for even, odd, single-matrix, two-stage (1536 = 32 x 48, 6144 =
     64 x 96, 262 = 2 x 131 and 18432 = 128 x 144 with a second stage past LEAF) and prime (257: one dense
     matrix) lengths, and stays accurate in float32."""
-    from fdconv_zoo.layers import dft
+    from fdconv_zoo.layers.ops import dft
     gen = torch.Generator().manual_seed(rows * cols)
     half = torch.randn(2, rows, cols // 2 + 1, 2, dtype=torch.float64, generator=gen)
     expected = torch.fft.irfft2(torch.view_as_complex(half), s=(rows, cols))
@@ -205,7 +199,7 @@ def test_portable_implementation_equals_the_operator(make):
     args = [a.detach() if isinstance(a, torch.Tensor) else a
             for a in _layer_inputs(layer, torch.randn(3, 16, 9, 8)).values()]
     expected = ops.dynamic_conv(*args)
-    assert rel_err(ops.portable_dynamic_conv(*args), expected) < 1e-5
+    assert rel_err(portable_dynamic_conv(*args), expected) < 1e-5
 
 
 def test_portable_token_path_equals_the_layer():
@@ -217,7 +211,7 @@ def test_portable_token_path_equals_the_layer():
     randomize_(layer, scale=0.3)
     x = torch.randn(3, 7, 16)
     program = torch.export.export(layer, (x,))
-    portable = program.run_decompositions({torch.ops.fdconv.dynamic_conv.default: ops.portable_dynamic_conv})
+    portable = program.run_decompositions({torch.ops.fdconv.dynamic_conv.default: portable_dynamic_conv})
     with torch.no_grad():
         assert rel_err(portable.module()(x), layer(x)) < 1e-5
 
@@ -230,7 +224,7 @@ def test_torch_export_with_a_dynamic_batch(name):
     batch = torch.export.Dim('batch', min=1, max=1024)
     program = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: batch},))
     assert any(n.target == torch.ops.fdconv.dynamic_conv.default for n in program.graph.nodes)
-    portable = program.run_decompositions({torch.ops.fdconv.dynamic_conv.default: ops.portable_dynamic_conv})
+    portable = program.run_decompositions({torch.ops.fdconv.dynamic_conv.default: portable_dynamic_conv})
     assert not any('fdconv' in str(n.target) for n in portable.graph.nodes)
     for size in (1, 3, 8):
         x = torch.randn(size, 3, 64, 64)
@@ -272,12 +266,43 @@ def test_native_boundary_checks_dtype_layout_and_shape():
         native.synthesize(spectrum, group.long(), att, None, None, None, 1, columns, work, out)
     with pytest.raises(ValueError, match='group id'):
         native.synthesize(spectrum, group + 4, att, None, None, None, 1, columns, work, out)
+    with pytest.raises(ValueError, match=r'spectrum has shape \(5, 24, 3\), expected \(5, 24, 2\)'):
+        native.synthesize(torch.randn(5, 24, 3), group, att, None, None, None, 1, columns, work, out)
+    with pytest.raises(ValueError, match='spectrum .* does not fit'):
+        native.synthesize(torch.randn(5, 24), group, att, None, None, None, 1, columns, work, out)
+
+
+def test_band_count_is_checked_on_both_paths_and_by_the_fakes(loops):
+    """Band maps must number the cut-offs, whichever implementation runs; the fake implementations (what
+    torch.compile and torch.export trace) refuse the same inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    layer = FDConv2d(16, 24, 3, padding=1, num_freq_groups=8)
+    kwargs = _layer_inputs(layer, torch.randn(2, 16, 6, 5))
+    kwargs['band_scale'] = torch.rand(2, 4, 6, 5)  # four maps, three cut-offs
+    with pytest.raises(ValueError, match=r'band scales \(2, 4, 6, 5\) do not fit input .* and 3 cut-offs'):
+        ops.dynamic_conv(**kwargs)
+    with pytest.raises(ValueError, match='band scales'):
+        ops.band_modulation(torch.randn(2, 16, 6, 5), torch.rand(2, 4, 6, 5), [2, 4, 8])
+    with pytest.raises(ValueError, match='increasing list'):
+        ops.band_modulation(torch.randn(2, 16, 6, 5), torch.rand(2, 2, 6, 5), [4, 2])
+    with FakeTensorMode() as mode:
+        x, scale = mode.from_tensor(torch.randn(2, 16, 6, 5)), mode.from_tensor(torch.rand(2, 4, 6, 5))
+        with pytest.raises(ValueError, match='band scales'):
+            torch.ops.fdconv.band_modulation(x, scale, [2, 4, 8])
+        fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        with pytest.raises(ValueError, match='band scales'):
+            torch.ops.fdconv.dynamic_conv(**fake)
+        fake['band_scale'] = mode.from_tensor(torch.rand(2, 3, 6, 5))
+        fake['spectrum'] = mode.from_tensor(torch.randn(5, 72, 2))
+        with pytest.raises(ValueError, match='spectrum .* does not fit'):
+            torch.ops.fdconv.dynamic_conv(**fake)
 
 
 def test_pytorch_implementation_transforms_whole_batches(monkeypatch):
     """The implementation CUDA runs: one 2-D inverse FFT per synthesis whatever the layer's size and batch (no
     CPU-cache slicing), and results owned by the caller."""
-    monkeypatch.setitem(native._state, 'lib', None)
+    monkeypatch.setattr(ops.backend, '_enabled', True)  # restored after the test, whatever the switch did
+    ops.set_native_kernels(False)
     calls = []
     irfft2 = torch.fft.irfft2
     monkeypatch.setattr(torch.fft, 'irfft2', lambda *a, **k: calls.append(a[0].shape) or irfft2(*a, **k))
@@ -289,21 +314,75 @@ def test_pytorch_implementation_transforms_whole_batches(monkeypatch):
     assert first.data_ptr() != second.data_ptr() and rel_err(second, first * 0.5) < 1e-6
 
 
-def test_scratch_is_per_thread_and_can_be_freed():
-    """Backward runs on autograd's worker thread: each thread has its own scratch, and release_workspace frees
-    them all."""
+def test_scratch_is_per_thread_freed_with_its_thread_and_by_release():
+    """Backward runs on autograd's worker thread: each thread has its own scratch. A thread that ends takes its
+    buffers with it; release_workspace frees those of the threads that live on."""
+    assert native.library() is not None, "the fused CPU loops did not build on this machine"
     layer = FDConv2d(32, 32, 3, padding=1, num_freq_groups=8)
     x = torch.randn(2, 32, 8, 8, requires_grad=True)
-    layer(x).sum().backward()
-    thread = threading.Thread(target=lambda: layer(x.detach()))
-    thread.start()
-    thread.join()
-    assert len(ops._pools) >= 2
     ops.release_workspace()
-    assert not ops._pools
+    with torch.no_grad():
+        layer(x)
+    mine = ops.workspace_bytes()
+    assert mine > 0
+    for _ in range(3):  # short-lived threads, e.g. a server's request handlers
+        thread = threading.Thread(target=lambda: layer(x.detach()))
+        thread.start()
+        thread.join()
+    gc.collect()
+    assert ops.workspace_bytes() == mine
+    layer(x).sum().backward()  # autograd's thread keeps its scratch
+    assert ops.workspace_bytes() > mine
+    ops.release_workspace()
+    assert ops.workspace_bytes() == 0
     expected = naive_fdconv(layer, x.detach())
     with torch.no_grad():
         assert rel_err(layer(x), expected) < 1e-5
+
+
+def test_caches_are_bounded_and_freed_by_release():
+    """The FFT descriptors of the fused loops and the cached constants (Fourier bases) stay bounded whatever
+    sizes a long-lived process sees, and release_workspace frees them."""
+    from fdconv_zoo.layers.ops import constants
+    assert native.library() is not None, "the fused CPU loops did not build on this machine"
+    layer = FDConv2d(16, 16, 3, padding=1, num_freq_groups=4)
+    ops.release_workspace()
+    with torch.no_grad():
+        for batch in range(1, 40):  # a descriptor per (transform size, batch) before the bound
+            layer(torch.randn(batch, 16, 5, 5))
+        assert native.fft_plans() <= 8 * torch.get_num_threads() * 2
+        for size in range(3, 3 + constants.MAX_ENTRIES // 2 + 20):  # two bases per size
+            layer.fbm(torch.randn(1, 16, size, size + 1))
+    assert 0 < constants.cached_constants() <= constants.MAX_ENTRIES
+    assert native.fft_plans() > 0
+    ops.release_workspace()
+    assert native.fft_plans() == 0 and constants.cached_constants() == 0
+    with torch.no_grad():  # and everything works after
+        x = torch.randn(2, 16, 6, 6)
+        assert rel_err(layer(x), naive_fdconv(layer, x)) < 1e-5
+
+
+def test_switch_for_the_cpu_kernels():
+    """One public switch: on by default, FDCONV_ZOO_NATIVE=0 turns it off at start, the context manager
+    restores it, and both settings compute the same."""
+    assert ops.native_kernels_enabled()
+    layer = FDConv2d(16, 24, 3, padding=1, num_freq_groups=8)
+    randomize_(layer, scale=0.2)
+    x = torch.randn(2, 16, 7, 6)
+    with torch.no_grad():
+        fused = layer(x)
+        with native_kernels(False):
+            assert not ops.native_kernels_enabled() and not ops.cpu_kernels(x.device)
+            plain = layer(x)
+    assert ops.native_kernels_enabled() and ops.cpu_kernels(x.device)
+    assert rel_err(fused, plain) < 1e-5
+    # off at start: nothing is even built (no compiler warning, which -W error would make fatal)
+    code = ("import torch; from fdconv_zoo import FDConv2d; from fdconv_zoo.layers import native_kernels_enabled; "
+            "FDConv2d(8, 8, 3, padding=1)(torch.randn(1, 8, 5, 5)); print(native_kernels_enabled())")
+    env = {**os.environ, 'FDCONV_ZOO_NATIVE': '0', 'CXX': 'no-such-compiler-fdconv'}
+    out = subprocess.run([sys.executable, '-W', 'error', '-c', code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ['False']
 
 
 def _modulated(name: str) -> torch.nn.Module:
@@ -356,7 +435,7 @@ def test_out_of_memory_in_native_code_is_a_python_exception(tmp_path):
     script.write_text('''
 import resource, sys
 import torch
-from fdconv_zoo.layers import native
+from fdconv_zoo.layers.ops import native
 torch.set_num_threads(1)
 b, cin, cout, k, taps_k = 64, 512, 32, 3, 5
 rows, cols = cout * k, cin * k

@@ -11,10 +11,16 @@ from .fdw import (
     weight_to_matrix,
 )
 from .ksm import GlobalAttention, KSMGlobal, KSMLocal, local_kernel_size
-from .ops import fourier_basis, release_workspace
+from .ops import (
+    fourier_basis,
+    native_kernels,
+    native_kernels_enabled,
+    release_workspace,
+    set_native_kernels,
+)
 
 __all__ = [
     'FBM', 'FDConv2d', 'FDLinear', 'FourierDisjointWeight', 'GlobalAttention', 'KSMGlobal', 'KSMLocal',
-    'check_grouping', 'dense_spectrum', 'fourier_basis', 'local_kernel_size', 'matrix_to_weight', 'ops',
-    'radial_grouping', 'release_workspace', 'weight_to_matrix',
+    'check_grouping', 'dense_spectrum', 'fourier_basis', 'local_kernel_size', 'matrix_to_weight', 'native_kernels',
+    'native_kernels_enabled', 'ops', 'radial_grouping', 'release_workspace', 'set_native_kernels', 'weight_to_matrix',
 ]

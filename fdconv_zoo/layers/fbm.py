@@ -2,7 +2,7 @@
 
 The input map is split into frequency bands by nested low-pass masks; each band but the lowest is scaled by
 a spatial map 2*sigmoid(conv3x3(x)) shared by all channels. With all maps equal to 1 the input is unchanged.
-The band re-weighting itself is the operator ``fdconv::band_modulation`` (``ops.py``, where the masks become
+The band re-weighting itself is the operator ``fdconv::band_modulation`` (``ops``, where the masks become
 products with a real Fourier basis); this module holds the band convolutions that give the maps.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import band_modulation, fft_dtype
+from .ops import band_modulation, check_cutoffs, fft_dtype
 
 
 class FBM(nn.Module):
@@ -25,9 +25,7 @@ class FBM(nn.Module):
             dtype=None,
     ):
         super().__init__()
-        if not cutoffs or any(int(c) != c or c < 1 for c in cutoffs):
-            raise ValueError(f"FBM cut-offs must be a non-empty list of positive integers, got {cutoffs}")
-        self.cutoffs = tuple(int(c) for c in cutoffs)
+        self.cutoffs = check_cutoffs(cutoffs)
         # the J per-band 3x3 convs Cin -> 1 run as one Cin -> J conv
         self.band_conv = nn.Conv2d(in_channels, len(self.cutoffs), 3, padding=1, device=device, dtype=dtype)
         self.reset_parameters()

@@ -5,7 +5,7 @@ Each sample gets its own kernel: FDW synthesises it from the spectrum and per-gr
 per channel, filter, kernel position and element; FBM (3x3 layers) re-weights the input's frequency bands.
 
 The layers compute the attention (KSM heads, FBM's band maps) and hand everything per-sample to one operator,
-``fdconv::dynamic_conv`` (``ops.py``): the same call in eager mode, under torch.compile and torch.export, on
+``fdconv::dynamic_conv`` (``ops``): the same call in eager mode, under torch.compile and torch.export, on
 every device; the operator picks its implementation and, in training, keeps only the layer's input.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from timm.layers import register_notrace_module
 from .fbm import FBM
 from .fdw import FourierDisjointWeight
 from .ksm import GlobalAttention, KSMGlobal, KSMLocal
-from .ops import dynamic_conv, fft_dtype, region
+from .ops import check_cutoffs, dynamic_conv, fft_dtype, region
 from .reference import infer_layer_shape, load_reference_layer
 
 _Size2 = int | tuple[int, int]
@@ -37,8 +37,11 @@ def _is_number(value: Any) -> bool:
 
 
 def _is_cutoffs(value: Any) -> bool:
-    return (isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_int(c) and c >= 1 for c in value)
-            and list(value) == sorted(set(value)))
+    try:
+        check_cutoffs(value)
+    except ValueError:
+        return False
+    return True
 
 
 # what each FDConv option accepts: a test, and the words for it in the error

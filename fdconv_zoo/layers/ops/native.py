@@ -1,5 +1,5 @@
 """Fused CPU loops for kernel synthesis and FBM (``native.cpp``): the float32 CPU kernels of the ``fdconv``
-operators (``ops.py``), compiled on first use and called through ctypes.
+operators, compiled on first use and called through ctypes.
 
 Each loop does in one pass over B x |W| values what takes PyTorch several (see native.cpp); the synthesis and
 its adjoint call MKL's FFT (from the libtorch of torch's x86-64 builds) inside their loops. Every tensor that
@@ -7,8 +7,9 @@ crosses into native code is checked here (dtype, device, contiguity, shapes), gr
 loops read them, and a failing loop (out of memory included) raises a Python exception. The library is
 built with the system C++ compiler (``$CXX``, else ``c++``) for the CPU it runs on and cached in
 ``$FDCONV_ZOO_CACHE`` (default ``~/.cache/fdconv_zoo``) under a hash of source, compiler and CPU, so it is
-built once per machine. Without a compiler, on other platforms, or with ``FDCONV_ZOO_NATIVE=0`` the layers use
-the operators' PyTorch code, which computes the same values more slowly.
+built once per machine. Without a compiler or on other platforms the layers use the operators' PyTorch code,
+which computes the same values more slowly; whether the loops are used at all is the switch of ``backend``
+(``FDCONV_ZOO_NATIVE=0``, ``set_native_kernels``).
 """
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 # every entry point, its argument types and its status return (FDCONV_OK = 0, see native.cpp)
 _SIGNATURES = {
     'fdconv_workspace_floats': [_I] * 6,
-    'fdconv_set_fft': [_P] * 5,
+    'fdconv_set_fft': [_P] * 6,
+    'fdconv_release_fft': [],
+    'fdconv_fft_plans': [],
     'fdconv_local_modulation_backward': [_P] * 9 + [_I] * 5,
     'fdconv_band_modulation': [_P, _P, _P, _P, _I, _P, _I, _P, _P, _P] + [_I] * 5,
     **{f'fdconv_synthesize_{index}': [_P] * 9 + [_I] * 6 for index in ('u8', 'i32')},
@@ -51,7 +54,7 @@ _STATUS = {1: (FFTRefused, "MKL's FFT refused a transform size"), 2: (MemoryErro
            3: (ValueError, "a group id of the bin -> group map (fdw.group_index) is outside [0, n)")}
 # MKL's FFT inside libtorch (torch built with MKL), which the synthesis and its adjoint call
 _DFTI = ('DftiCreateDescriptor_s_1d', 'DftiSetValue', 'DftiCommitDescriptor', 'DftiComputeBackward',
-         'DftiComputeForward')
+         'DftiComputeForward', 'DftiFreeDescriptor')
 
 
 def _cpu_signature() -> str:
@@ -82,8 +85,6 @@ def _build(compiler: str) -> Path:
 
 
 def _load() -> ctypes.CDLL | None:
-    if os.environ.get('FDCONV_ZOO_NATIVE', '1') == '0':
-        return None
     if not sys.platform.startswith('linux') or platform.machine() not in ('x86_64', 'aarch64'):
         return None
     compiler = shutil.which(os.environ.get('CXX', 'c++'))
@@ -100,7 +101,8 @@ def _load() -> ctypes.CDLL | None:
         return None
     for name, argtypes in _SIGNATURES.items():
         function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, ctypes.c_int64 if name != 'fdconv_set_fft' else None
+        function.argtypes = argtypes
+        function.restype = None if name in ('fdconv_set_fft', 'fdconv_release_fft') else ctypes.c_int64
     return lib
 
 
@@ -116,15 +118,32 @@ def _connect_fft(lib: ctypes.CDLL) -> bool:
     return True
 
 
-def library() -> ctypes.CDLL | None:
-    """The compiled library, or None where it cannot be used (built once per process). Its loops need MKL's
-    FFT from libtorch (torch's x86-64 builds); without it the operators run their PyTorch code."""
+def library(reload: bool = False) -> ctypes.CDLL | None:
+    """The compiled library, or None where it cannot be used (built and loaded once per process; ``reload``
+    builds or finds it again, e.g. after the compiler or cache changed). Its loops need MKL's FFT from libtorch
+    (torch's x86-64 builds); without it the operators run their PyTorch code."""
+    if reload:
+        with _lock:
+            _state.clear()
     if 'lib' not in _state:
         with _lock:
             if 'lib' not in _state:
                 lib = _load()
                 _state['lib'] = lib if lib is not None and _connect_fft(lib) else None
     return _state['lib']
+
+
+def release_fft_plans() -> None:
+    """Free the loops' cached FFT descriptors (of every thread), once no loop runs."""
+    lib = _state.get('lib')
+    if lib is not None:
+        lib.fdconv_release_fft()
+
+
+def fft_plans() -> int:
+    """How many FFT descriptors the loops hold (each thread keeps at most a few per transform size)."""
+    lib = _state.get('lib')
+    return 0 if lib is None else int(lib.fdconv_fft_plans())
 
 
 def workspace_floats(kind: int, *sizes: int) -> int:
@@ -180,12 +199,15 @@ def synthesize(
     taps are given (groups = 1), in two passes over cache-sized blocks with MKL's FFT inside. spectrum (H, R, 2)
     column-major (H = C/2+1), group (H, R), attention (B, n), taps (Cout*k*k, K), windows (B, Cin, K), channel
     (B, Cin) or None, out (B, R, C); columns and work are scratch (see :func:`workspace_floats`)."""
+    if spectrum.ndim != 3 or out.ndim != 3 or attention.ndim != 2:
+        raise ValueError(f"spectrum {tuple(spectrum.shape)} does not fit matrices {tuple(out.shape)} and "
+                         f"attention {tuple(attention.shape)}")
     (half, rows, _), (batch, groups), cols = spectrum.shape, attention.shape, out.shape[-1]
     k, taps_k = kernel_size, 0
-    pointers = [_check('spectrum', spectrum), 0, _check('attention', attention, (batch, groups))]
-    suffix = _index_suffix(group, (half, rows))
     if half != cols // 2 + 1 or cols % k or rows % k:
         raise ValueError(f"spectrum {tuple(spectrum.shape)} does not fit matrices {tuple(out.shape)} of k={k}")
+    pointers = [_check('spectrum', spectrum, (half, rows, 2)), 0, _check('attention', attention, (batch, groups))]
+    suffix = _index_suffix(group, (half, rows))
     if taps is not None:
         taps_k = windows.shape[-1]
         local = [_check('taps', taps, (rows * k, taps_k)), _check('windows', windows, (batch, cols // k, taps_k)),
@@ -210,6 +232,8 @@ def synthesis_gradient(
     """Adjoint of :func:`synthesize` without modulation, in two passes with MKL's FFT inside: grad (B, R, C) ->
     (gradient of the spectrum (H, R, 2), of the attention (B, n)); the bins of column c weighted by weight[c]
     (see ops.py); columns and work are scratch."""
+    if grad.ndim != 3 or attention.ndim != 2:
+        raise ValueError(f"grad {tuple(grad.shape)} must be (B, R, C) and attention {tuple(attention.shape)} (B, n)")
     batch, rows, cols = grad.shape
     half = cols // 2 + 1
     grad_spectrum = torch.empty(half, rows, 2)
@@ -237,6 +261,9 @@ def local_modulation_backward(
     made again on the fly. Turns ``grad`` (dLoss/dP) into dLoss/dM in place and returns sum_i P*dP per
     (sample, row, v) (B, R, k), the gradients of the taps (Cout*k*k, K) and of the windows (B, Cin, K), and
     sum_(row, v) P*dP per (sample, Cin) (None without ``channel``)."""
+    if product.ndim != 3 or windows.ndim != 3:
+        raise ValueError(f"product {tuple(product.shape)} must be (B, R, C) and windows {tuple(windows.shape)} "
+                         f"(B, Cin, K)")
     (batch, rows, cols), k = product.shape, kernel_size
     in_channels, taps_k = windows.shape[1:]
     if cols != in_channels * k or rows % k:
@@ -246,7 +273,7 @@ def local_modulation_backward(
     grad_windows = torch.empty(batch, in_channels, taps_k)
     channel_sums = None if channel is None else torch.empty(batch, in_channels)
     _call('fdconv_local_modulation_backward', _check('product', product), _check('grad', grad, product.shape),
-          _check('taps', taps, (rows * k, taps_k)), _check('windows', windows),
+          _check('taps', taps, (rows * k, taps_k)), _check('windows', windows, (batch, in_channels, taps_k)),
           _check('channel', channel, (batch, in_channels)), per_tap.data_ptr(), grad_taps.data_ptr(),
           grad_windows.data_ptr(), 0 if channel_sums is None else channel_sums.data_ptr(), batch, rows, in_channels,
           k, taps_k)
@@ -264,6 +291,8 @@ def band_modulation(
 ) -> torch.Tensor:
     """FBM's output (see ops.band_modulation): x (B, C, H, W) and band scales A (B, J, H, W), bases (H, >= max
     ranks_h) and (W, >= max ranks_w) from ``ops.fourier_basis``; a fresh (B, C, H, W). work is scratch."""
+    if x.ndim != 4 or band_scale.ndim != 4 or basis_h.ndim != 2 or basis_w.ndim != 2:
+        raise ValueError(f"x {tuple(x.shape)} and band scales {tuple(band_scale.shape)} must be 4-D, the bases 2-D")
     batch, channels, height, width = x.shape
     bands = band_scale.shape[1]
     if len(ranks_h) != bands or len(ranks_w) != bands or min(ranks_h + ranks_w) < 0:

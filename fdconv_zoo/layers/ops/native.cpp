@@ -16,7 +16,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <map>
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <set>
+#include <shared_mutex>
 #include <new>
 #include <omp.h>
 #include <vector>
@@ -419,16 +423,19 @@ int64_t fdconv_local_modulation_backward(const float *product, float *grad, cons
  * passes over B x |W| values: (1) for a few columns at a time, scale the bins into a per-thread buffer, inverse
  * FFT along R there and store the block transposed into `columns` (R, B, C/2+1); (2) for a few rows at a time,
  * inverse real FFT along C into a per-thread buffer and apply the local modulation on the way out. DFTI is
- * called sequentially inside the OpenMP threads; its descriptors are cached per thread. */
+ * called sequentially inside the OpenMP threads; its descriptors are cached per thread, a few per thread (the
+ * least recently used goes first), and fdconv_release_fft frees them all once no loop runs. */
 typedef long (*DftiCreate1d)(void **, int, long);
 typedef long (*DftiSet)(void *, int, ...);
 typedef long (*DftiCommit)(void *);
 typedef long (*DftiCompute)(void *, void *, ...);
+typedef long (*DftiFree)(void **);
 static DftiCreate1d dfti_create;
 static DftiSet dfti_set;
 static DftiCommit dfti_commit;
 static DftiCompute dfti_backward;
 static DftiCompute dfti_forward;
+static DftiFree dfti_free;
 /* mkl_dfti.h's configuration names and values */
 enum { DFTI_NUMBER_OF_TRANSFORMS = 7, DFTI_CONJUGATE_EVEN_STORAGE = 10, DFTI_PLACEMENT = 11,
        DFTI_INPUT_DISTANCE = 14, DFTI_OUTPUT_DISTANCE = 15, DFTI_THREAD_LIMIT = 27, DFTI_COMPLEX = 32,
@@ -436,24 +443,71 @@ enum { DFTI_NUMBER_OF_TRANSFORMS = 7, DFTI_CONJUGATE_EVEN_STORAGE = 10, DFTI_PLA
 
 extern "C"
 void fdconv_set_fft(void *create_single_1d, void *set_value, void *commit, void *compute_backward,
-                    void *compute_forward) {
+                    void *compute_forward, void *free_descriptor) {
     dfti_create = reinterpret_cast<DftiCreate1d>(create_single_1d);
     dfti_set = reinterpret_cast<DftiSet>(set_value);
     dfti_commit = reinterpret_cast<DftiCommit>(commit);
     dfti_backward = reinterpret_cast<DftiCompute>(compute_backward);
     dfti_forward = reinterpret_cast<DftiCompute>(compute_forward);
+    dfti_free = reinterpret_cast<DftiFree>(free_descriptor);
+}
+
+/* Every descriptor of every thread is listed in `all_plans`, so that fdconv_release_fft can free them: it waits
+ * until no loop runs (the loops hold `plans_in_use` shared), frees them and bumps the generation, which tells each
+ * thread that the pointers it cached are gone. */
+#define PLANS_PER_THREAD 8
+static std::shared_mutex plans_in_use;
+static std::mutex all_plans_lock;
+static std::set<void *> all_plans;
+static std::atomic<int64_t> plans_generation{0};
+
+typedef std::tuple<bool, int64_t, int64_t, bool> PlanKey;
+struct ThreadPlans {
+    int64_t generation = -1;
+    std::vector<std::pair<PlanKey, void *>> entries;  /* the most recently used last */
+};
+
+static void free_plan(void *plan) {
+    {
+        std::lock_guard<std::mutex> hold(all_plans_lock);
+        all_plans.erase(plan);
+    }
+    dfti_free(&plan);
+}
+
+extern "C"
+void fdconv_release_fft() {
+    std::unique_lock<std::shared_mutex> no_loop_runs(plans_in_use);
+    std::lock_guard<std::mutex> hold(all_plans_lock);
+    for (void *plan : all_plans)
+        dfti_free(&plan);
+    all_plans.clear();
+    plans_generation.fetch_add(1);
+}
+
+extern "C"
+int64_t fdconv_fft_plans() {
+    std::lock_guard<std::mutex> hold(all_plans_lock);
+    return static_cast<int64_t>(all_plans.size());
 }
 
 /* `howmany` unnormalised transforms of length n, one thread: complex in place (contiguous transforms, either
  * direction), or real out of place, conjugate-even (n/2+1 complex) to real for the inverse (`forward` false)
  * and real to conjugate-even for the forward transform. Null if DFTI refuses. */
 static void *fft_plan(bool real, int64_t n, int64_t howmany, bool forward = false) {
-    static thread_local std::map<std::tuple<bool, int64_t, int64_t, bool>, void *> plans;
+    static thread_local ThreadPlans cache;
+    const int64_t generation = plans_generation.load();
+    if (cache.generation != generation) {  /* released since this thread last looked: the pointers are gone */
+        cache.entries.clear();
+        cache.generation = generation;
+    }
     forward = forward && real;  /* a complex plan serves both directions */
-    const auto key = std::make_tuple(real, n, howmany, forward);
-    const auto found = plans.find(key);
-    if (found != plans.end())
-        return found->second;
+    const PlanKey key = std::make_tuple(real, n, howmany, forward);
+    for (auto entry = cache.entries.begin(); entry != cache.entries.end(); ++entry)
+        if (entry->first == key) {
+            std::rotate(entry, entry + 1, cache.entries.end());
+            return cache.entries.back().second;
+        }
     void *plan = nullptr;
     long status = dfti_create(&plan, real ? DFTI_REAL : DFTI_COMPLEX, static_cast<long>(n));
     if (!status)
@@ -471,11 +525,25 @@ static void *fft_plan(bool real, int64_t n, int64_t howmany, bool forward = fals
         status = dfti_set(plan, DFTI_OUTPUT_DISTANCE, forward ? complex_distance : static_cast<long>(n));
     if (!status)
         status = dfti_commit(plan);
-    if (status)
-        return nullptr;  /* the descriptor is leaked: this only happens on a broken MKL, once */
+    if (status) {
+        if (plan)
+            dfti_free(&plan);
+        return nullptr;
+    }
     try {
-        plans[key] = plan;
-    } catch (const std::bad_alloc &) {
+        if (cache.entries.size() >= PLANS_PER_THREAD) {
+            free_plan(cache.entries.front().second);
+            cache.entries.erase(cache.entries.begin());
+        }
+        std::lock_guard<std::mutex> hold(all_plans_lock);
+        all_plans.insert(plan);
+        cache.entries.emplace_back(key, plan);
+    } catch (...) {  /* out of memory (or a lock error): not cached, not used */
+        {
+            std::lock_guard<std::mutex> hold(all_plans_lock);
+            all_plans.erase(plan);
+        }
+        dfti_free(&plan);
         return nullptr;
     }
     return plan;
@@ -635,6 +703,7 @@ int64_t fdconv_synthesize_u8(const float *spectrum, const uint8_t *group, const 
                              float *matrix, const float *taps, const float *windows, const float *channel,
                              float *work, int64_t batch, int64_t rows, int64_t cols, int64_t num_groups, int64_t k,
                              int64_t taps_k) {
+    std::shared_lock<std::shared_mutex> plans_stay(plans_in_use);  /* fdconv_release_fft waits */
     return synthesize(spectrum, group, attention, columns, matrix, taps, windows, channel, work, batch, rows, cols,
                       num_groups, k, taps_k);
 }
@@ -644,6 +713,7 @@ int64_t fdconv_synthesize_i32(const float *spectrum, const int32_t *group, const
                               float *matrix, const float *taps, const float *windows, const float *channel,
                               float *work, int64_t batch, int64_t rows, int64_t cols, int64_t num_groups, int64_t k,
                               int64_t taps_k) {
+    std::shared_lock<std::shared_mutex> plans_stay(plans_in_use);  /* fdconv_release_fft waits */
     return synthesize(spectrum, group, attention, columns, matrix, taps, windows, channel, work, batch, rows, cols,
                       num_groups, k, taps_k);
 }
@@ -847,6 +917,7 @@ int64_t fdconv_synthesis_gradient_u8(const float *grad, const float *spectrum, c
                                      const float *weight, const float *attention, float *columns,
                                      float *grad_spectrum, float *grad_attention, float *work, int64_t batch,
                                      int64_t rows, int64_t cols, int64_t num_groups) {
+    std::shared_lock<std::shared_mutex> plans_stay(plans_in_use);  /* fdconv_release_fft waits */
     return synthesis_gradient(grad, spectrum, group, weight, attention, columns, grad_spectrum, grad_attention,
                               work, batch, rows, cols, num_groups);
 }
@@ -856,6 +927,7 @@ int64_t fdconv_synthesis_gradient_i32(const float *grad, const float *spectrum, 
                                       const float *weight, const float *attention, float *columns,
                                       float *grad_spectrum, float *grad_attention, float *work, int64_t batch,
                                       int64_t rows, int64_t cols, int64_t num_groups) {
+    std::shared_lock<std::shared_mutex> plans_stay(plans_in_use);  /* fdconv_release_fft waits */
     return synthesis_gradient(grad, spectrum, group, weight, attention, columns, grad_spectrum, grad_attention,
                               work, batch, rows, cols, num_groups);
 }

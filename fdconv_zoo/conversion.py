@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .errors import CheckpointKeyError
 from .layers import FDConv2d, FDLinear
 from .layers.reference import (
     check_keys_and_shapes,
@@ -110,7 +111,7 @@ def load_reference_checkpoint(
         for part in missing:
             missing_parts.setdefault(part, []).append(name)
     if groupings:
-        raise KeyError(f"groupings given for layers that are not FDConv layers: {sorted(groupings)}")
+        raise CheckpointKeyError(f"groupings given for layers that are not FDConv layers: {sorted(groupings)}")
 
     own = model.state_dict()
     fd_prefixes = tuple(f'{n}.' for n, m in model.named_modules() if isinstance(m, (FDConv2d, FDLinear)))

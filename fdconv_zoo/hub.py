@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from . import models as _models  # noqa: F401  registers the FDConv families
 from .atomic import atomic_dir
+from .errors import HubError
 from .layers.fdw import FourierDisjointWeight, upgrade_spectrum
 from .layers.reference import check_keys_and_shapes
 from .models._fdconv import FDCONV_PAPER, describe_origin, fdconv_checkpoint_filter
@@ -31,26 +32,6 @@ from .models._fdconv import FDCONV_PAPER, describe_origin, fdconv_checkpoint_fil
 ORG_ENV = 'FDCONV_ZOO_ORG'
 DEFAULT_ORG = 'fdconv-zoo'
 WEIGHTS, CONFIG, CARD = 'model.safetensors', 'config.json', 'README.md'
-
-
-class HubError(RuntimeError):
-    """A checkpoint or Hub operation failed; the message names the repo, file or key."""
-
-
-# what bad input raises (a bad option or config, a missing or unreadable file, an unreachable Hub, a checkpoint
-# larger than memory): the command-line entries report these in one line; anything else is a bug and keeps its
-# traceback
-EXPECTED_ERRORS = (HubError, ValueError, TypeError, KeyError, OSError, MemoryError, SafetensorError,
-                   EntryNotFoundError)
-
-
-def one_line(e: BaseException) -> str:
-    """An expected error as one line: a KeyError's message without its quotes, and of an error re-raised from a
-    DataLoader worker only the original message (not the worker's traceback)."""
-    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    if 'Original Traceback' in text:
-        text = text.strip().splitlines()[-1].partition(': ')[2]
-    return ' '.join(text.split())
 
 
 def hub_org(org: str | None = None) -> str:

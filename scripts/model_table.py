@@ -5,7 +5,7 @@ import json
 import timm
 
 import fdconv_zoo  # noqa: F401  registers the models
-from fdconv_zoo.benchmark import model_table
+from fdconv_zoo.apps.benchmark import model_table
 
 
 def main() -> None:

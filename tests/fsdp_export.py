@@ -1,5 +1,5 @@
 """Run under torchrun with 2 CPU processes (gloo): a resnet18_fdconv sharded with FSDP2's fully_shard trains two
-steps, then goes through the project's export (fdconv_zoo.training.unsharded, fdconv_zoo.save_for_hf, and a
+steps, then goes through the project's export (fdconv_zoo.apps.training.unsharded, fdconv_zoo.save_for_hf, and a
 push to the Hub server at HF_ENDPOINT). Rank 0 also writes the full weights it gathered itself, to compare."""
 import sys
 from pathlib import Path
@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 
 import fdconv_zoo
+from fdconv_zoo.apps.training import unsharded
 from fdconv_zoo.hub import push
-from fdconv_zoo.training import unsharded
 
 KWARGS = dict(num_classes=4, channels=[16, 16, 32, 32], stem_width=16, layers=[1, 1, 1, 1], num_freq_groups=8)
 

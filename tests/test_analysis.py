@@ -9,15 +9,15 @@ import timm
 import torch
 from PIL import Image
 
-from fdconv_zoo.analysis import (
+from fdconv_zoo.apps.analysis import (
     fdconv_layers,
     group_diversity,
     group_kernels,
     image_statistics,
     modulation_distance,
 )
-from fdconv_zoo.benchmark import liven_
-from fdconv_zoo.cli import main as cli
+from fdconv_zoo.apps.benchmark import liven_
+from fdconv_zoo.apps.cli import main as cli
 from fdconv_zoo.layers import FDConv2d
 from fdconv_zoo.models._fdconv import fdconv_checkpoint_filter
 
@@ -108,10 +108,10 @@ def test_analyze_writes_figures_json_and_index(photos, tmp_path, capsys):
 def test_bad_input_is_one_line(photos, tmp_path, capsys):
     bad = tmp_path / 'broken.jpg'
     bad.write_bytes(b'not an image')
-    assert cli(['analyze', 'resnet18_fdconv', '--images', str(bad), '--out', str(tmp_path / 'a')]) == 1
+    assert cli(['analyze', 'resnet18_fdconv', '--images', str(bad), '--out', str(tmp_path / 'a')]) == 2
     assert f'image {bad} cannot be read' in capsys.readouterr().err
-    assert cli(['analyze', 'resnet18', '--out', str(tmp_path / 'b')]) == 1
+    assert cli(['analyze', 'resnet18', '--out', str(tmp_path / 'b')]) == 2
     assert 'has no FDConv layer' in capsys.readouterr().err
-    assert cli(['analyze', 'resnet18_fdconv', '--layers', 'head.*', '--out', str(tmp_path / 'c')]) == 1
+    assert cli(['analyze', 'resnet18_fdconv', '--layers', 'head.*', '--out', str(tmp_path / 'c')]) == 2
     assert "--layers 'head.*' matches none" in capsys.readouterr().err
     assert not any((tmp_path / n).exists() for n in 'abc')

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 
-from fdconv_zoo.cli import main as cli
+from fdconv_zoo.apps.cli import main as cli
 
 
 def test_demo_shows_exact_conversion_and_cost(capsys):
@@ -40,7 +40,7 @@ def test_bench_writes_measured_ratios(tmp_path, capsys):
 def test_bench_refuses_a_dense_architecture(tmp_path, capsys):
     """A dense name would be benchmarked against itself: one line naming it, exit code 1, nothing written."""
     out = tmp_path / 'bench.json'
-    assert cli(['bench', '--models', 'resnet18_fdconv', 'resnet50', '--out', str(out)]) == 1
+    assert cli(['bench', '--models', 'resnet18_fdconv', 'resnet50', '--out', str(out)]) == 2
     err = capsys.readouterr().err
     assert "'resnet50' is not an FDConv architecture" in err and 'resnet50_fdconv' in err
     assert not out.exists()

@@ -8,7 +8,7 @@ import torch.nn as nn
 from conftest import rel_err
 
 from fdconv_zoo import FDConv2d, FDLinear, convert_to_fdconv
-from fdconv_zoo.benchmark import liven_
+from fdconv_zoo.apps.benchmark import liven_
 
 
 @pytest.mark.parametrize('conv,shape', [

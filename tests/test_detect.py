@@ -1,4 +1,4 @@
-"""scripts/detect.py / fdconv_zoo.detect on scikit-image textures pasted onto grass, offline, on CPU."""
+"""scripts/detect.py / fdconv_zoo.apps.detect on scikit-image textures pasted onto grass, offline, on CPU."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ from PIL import Image
 from resume_check import kill_and_resume_equals_uninterrupted
 from safetensors.torch import load_file
 
-from fdconv_zoo.detect import build_detector, build_parser, load_coco, load_detector, main, train
+from fdconv_zoo.apps.detect import build_detector, build_parser, load_coco, load_detector, main, train
 
 pytestmark = pytest.mark.usefixtures('fresh_accelerate_state')  # (conftest.py)
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,7 +173,7 @@ def test_hub_dataset_is_decoded_lazily_and_streams(tmp_path, monkeypatch):
     original = datasets.Image.decode_example
     monkeypatch.setattr(datasets.Image, 'decode_example',
                         lambda self, value, **kw: decoded.append(1) or original(self, value, **kw))
-    from fdconv_zoo.detect import load_hf
+    from fdconv_zoo.apps.detect import load_hf
     args = build_parser().parse_args([*SMALL, '--dataset', str(path)])
     train_records, val_records, names = load_hf(args)
     assert names == ['brick', 'gravel'] and len(train_records) == 6 and len(val_records) == 4

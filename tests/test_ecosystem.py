@@ -13,7 +13,7 @@ from PIL import Image
 from timm.models._manipulate import reinit_non_persistent_buffers
 
 import fdconv_zoo
-from fdconv_zoo.benchmark import liven_
+from fdconv_zoo.apps.benchmark import liven_
 from fdconv_zoo.hub import convert, push
 
 SMALLEST = ['resnet18_fdconv', 'convnext_tiny_fdconv', 'swin_tiny_patch4_window7_224_fdconv']

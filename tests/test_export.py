@@ -9,9 +9,9 @@ import timm
 import torch
 from test_ops import _modulated, rel_err
 
-from fdconv_zoo.benchmark import liven_
-from fdconv_zoo.cli import main as cli
-from fdconv_zoo.export import export
+from fdconv_zoo.apps.benchmark import liven_
+from fdconv_zoo.apps.cli import main as cli
+from fdconv_zoo.apps.export import export
 
 NARROW = {'resnet18_fdconv': {'channels': [32, 32, 64, 64], 'stem_width': 32, 'layers': [1, 1, 1, 1]},
           'convnext_tiny_fdconv': {'dims': [32, 32, 64, 64], 'depths': [1, 1, 1, 1]}}
@@ -74,7 +74,7 @@ def test_full_size_models_export_and_match_eager_in_onnxruntime(name, tmp_path):
 @pytest.mark.slow
 def test_segmentation_model_exports_to_onnx(tmp_path):
     """An smp decoder on an FDConv encoder (what scripts/segment.py trains) exports with a free batch and size."""
-    from fdconv_zoo.segment import build_segmenter
+    from fdconv_zoo.apps.segment import build_segmenter
     torch.manual_seed(0)
     model = build_segmenter('resnet18_fdconv', 'fpn', 3, False, {'num_freq_groups': 8, **NARROW['resnet18_fdconv']})
     result = export(liven_(model).eval(), 'onnx', tmp_path / 'seg.onnx', img_size=[64])
@@ -93,17 +93,17 @@ def test_bench_times_onnxruntime_next_to_eager(tmp_path, capsys):
     assert all(r['dense_ms'] > 0 and r['fdconv_ms'] > 0 for r in result['rows'])
     assert 'onnxruntime' in capsys.readouterr().out
     assert cli(['bench', '--models', 'resnet18_fdconv', '--batch-sizes', '1', '--backend', 'onnxruntime',
-                '--compile']) == 1
+                '--compile']) == 2
     assert 'onnxruntime backend times eval on the CPU provider only' in capsys.readouterr().err
 
 
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
     out = tmp_path / 'm.bin'
-    assert cli(['export', 'resnet18_fdconv', '--format', 'tflite', '--out', str(out)]) == 1
+    assert cli(['export', 'resnet18_fdconv', '--format', 'tflite', '--out', str(out)]) == 2
     assert "unknown format 'tflite'" in capsys.readouterr().err
-    assert cli(['export', 'resnet18_fdconv', '--format', 'onnx', '--opset', '9', '--out', str(out)]) == 1
+    assert cli(['export', 'resnet18_fdconv', '--format', 'onnx', '--opset', '9', '--out', str(out)]) == 2
     assert '--opset 9' in capsys.readouterr().err
     assert cli(['export', 'swin_tiny_patch4_window7_224_fdconv', '--format', 'pt2', '--img-size', '100',
-                '--out', str(out)]) == 1
+                '--out', str(out)]) == 2
     assert 'does not export' in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,4 @@
-"""scripts/finetune.py / fdconv_zoo.finetune on small real data (scikit-learn's digits), offline, on CPU."""
+"""scripts/finetune.py / fdconv_zoo.apps.finetune on small real data (scikit-learn's digits), offline, on CPU."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ from PIL import Image
 from resume_check import kill_and_resume_equals_uninterrupted
 from safetensors.torch import load_file
 
-from fdconv_zoo.finetune import build_parser, main, train
+from fdconv_zoo.apps.finetune import build_parser, main, train
 
 pytestmark = pytest.mark.usefixtures('fresh_accelerate_state')  # (conftest.py)
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +151,7 @@ def test_augmented_rows_depend_on_seed_epoch_and_index_only(small_digits):
     import datasets
     from timm.data import create_transform
 
-    from fdconv_zoo.finetune import image_rows
+    from fdconv_zoo.apps.finetune import image_rows
     ds = datasets.load_from_disk(small_digits)['train']
     rows = image_rows(ds, 'image', 'label', create_transform(32, is_training=True), seed=0)
     torch.manual_seed(123)

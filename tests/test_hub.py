@@ -14,9 +14,9 @@ from hub_cache import prefill_hf_cache
 from safetensors.torch import save, save_file
 
 import fdconv_zoo  # noqa: F401
-from fdconv_zoo.benchmark import liven_
+from fdconv_zoo.apps.benchmark import liven_
+from fdconv_zoo.apps.cli import main as cli
 from fdconv_zoo.cards import load_manifest_entry, write_card
-from fdconv_zoo.cli import main as cli
 from fdconv_zoo.hub import HubError, convert, info, load_checkpoint, pull, push
 
 
@@ -113,9 +113,9 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(hub, converted, tmp_path
 
 def test_connection_refused_is_one_clear_error(tmp_path):
     env = {**os.environ, 'HF_ENDPOINT': 'http://127.0.0.1:9', 'HF_HOME': str(tmp_path / 'hf')}
-    proc = subprocess.run([sys.executable, '-m', 'fdconv_zoo.cli', 'pull', 'zoo-test/x', str(tmp_path / 'o')],
+    proc = subprocess.run([sys.executable, '-m', 'fdconv_zoo.apps.cli', 'pull', 'zoo-test/x', str(tmp_path / 'o')],
                           env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.count('\n') == 1 and 'zoo-test/x' in proc.stderr and 'Traceback' not in proc.stderr
     assert not (tmp_path / 'o').exists()
 
@@ -165,9 +165,9 @@ def test_manifest_entry_to_model_card(tmp_path):
 def test_cli_convert_local_file_needs_and_checks_arch(tmp_path, dense_r18, capsys):
     src = tmp_path / 'dense.safetensors'
     save_file(dense_r18.state_dict(), src)
-    assert cli(['convert', str(src), str(tmp_path / 'no-arch')]) == 1
+    assert cli(['convert', str(src), str(tmp_path / 'no-arch')]) == 2
     assert '--arch' in capsys.readouterr().err
-    assert cli(['convert', str(src), str(tmp_path / 'wrong'), '--arch', 'convnext_tiny_fdconv']) == 1
+    assert cli(['convert', str(src), str(tmp_path / 'wrong'), '--arch', 'convnext_tiny_fdconv']) == 2
     assert "no classifier weight 'head.fc.weight'" in capsys.readouterr().err
     assert not (tmp_path / 'wrong').exists()
     assert cli(['convert', str(src), str(tmp_path / 'ok'), '--arch', 'resnet18_fdconv']) == 0
@@ -189,7 +189,7 @@ def test_bad_model_args_in_config_are_one_error_naming_the_option(converted, tmp
     config['model_args'][option] = value
     (bad / 'config.json').write_text(json.dumps(config))
     (bad / 'model.safetensors').symlink_to(converted / 'model.safetensors')
-    assert cli(['info', str(bad)]) == 1
+    assert cli(['info', str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'Traceback' not in err
     assert str(bad / 'config.json') in err and f"{option}={value!r} is invalid" in err
@@ -219,7 +219,7 @@ def test_info_on_a_safetensors_file_reads_its_header(converted, tmp_path, capsys
     assert info(str(huge))['params'] == 2 ** 34
     for junk in (b'', b'\xff' * 8 + b'{}', (10).to_bytes(8, 'little') + b'not json!!'):
         alone.write_bytes(junk)
-        assert cli(['info', str(alone)]) == 1
+        assert cli(['info', str(alone)]) == 2
         assert f'{alone} is not a' in capsys.readouterr().err
 
 
@@ -232,11 +232,11 @@ def test_checkpoint_larger_than_memory_is_one_line(converted, tmp_path):
     with open(huge / 'model.safetensors', 'wb') as f:
         f.write(len(header).to_bytes(8, 'little') + header)
         f.truncate(8 + len(header) + 2 ** 36)
-    code = ("import resource, sys; from fdconv_zoo.cli import main; "
+    code = ("import resource, sys; from fdconv_zoo.apps.cli import main; "
             "resource.setrlimit(resource.RLIMIT_AS, (32 * 2 ** 30, 32 * 2 ** 30)); "
             f"sys.exit(main(['push', {str(huge)!r}, 'zoo-test/huge']))")  # push loads it before uploading
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and proc.stderr.count('\n') == 1, proc.stderr[-3000:]
+    assert proc.returncode == 2 and proc.stderr.count('\n') == 1, proc.stderr[-3000:]
     assert 'model.safetensors (64.0 GiB) does not fit in memory' in proc.stderr
 
 
@@ -244,12 +244,12 @@ def test_offline_mode_fails_fast_and_says_so(tmp_path):
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')}
     for cmd in (['convert', 'resnet18.a1_in1k', str(tmp_path / 'o')], ['pull', 'zoo-test/x', str(tmp_path / 'o')],
                 ['info', 'zoo-test/x']):
-        proc = subprocess.run([sys.executable, '-m', 'fdconv_zoo.cli', *cmd], env=env, capture_output=True,
+        proc = subprocess.run([sys.executable, '-m', 'fdconv_zoo.apps.cli', *cmd], env=env, capture_output=True,
                               text=True, timeout=120)
-        assert proc.returncode == 1 and proc.stderr.count('\n') == 1, proc.stderr
+        assert proc.returncode == 2 and proc.stderr.count('\n') == 1, proc.stderr
         assert 'HF_HUB_OFFLINE' in proc.stderr and 'Traceback' not in proc.stderr
     assert not (tmp_path / 'o').exists()
-    proc = subprocess.run([sys.executable, '-m', 'fdconv_zoo.cli', '--debug', 'info', 'zoo-test/x'], env=env,
+    proc = subprocess.run([sys.executable, '-m', 'fdconv_zoo.apps.cli', '--debug', 'info', 'zoo-test/x'], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and 'Traceback' in proc.stderr
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-import warnings
 
 import pytest
 import timm

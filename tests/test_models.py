@@ -10,7 +10,7 @@ from timm.models import save_for_hf
 
 import fdconv_zoo  # noqa: F401  registers the models
 from fdconv_zoo import FDConv2d, FDLinear
-from fdconv_zoo.benchmark import liven_
+from fdconv_zoo.apps.benchmark import liven_
 
 FAMILIES = [
     ('resnet50_fdconv.a1_in1k', 'resnet50', 160),

@@ -16,7 +16,7 @@ from safetensors.torch import load, save
 
 import fdconv_zoo  # noqa: F401  registers the models
 from fdconv_zoo import FDConv2d
-from fdconv_zoo.benchmark import liven_
+from fdconv_zoo.apps.benchmark import liven_
 from fdconv_zoo.layers import native_kernels, ops
 from fdconv_zoo.layers.ops import native
 from fdconv_zoo.layers.ops.portable import portable_dynamic_conv

@@ -1,4 +1,4 @@
-"""scripts/segment.py / fdconv_zoo.segment on texture mosaics made from scikit-image's textures, offline, CPU."""
+"""scripts/segment.py / fdconv_zoo.apps.segment on texture mosaics made from scikit-image's textures, offline, CPU."""
 from __future__ import annotations
 
 import json
@@ -16,8 +16,8 @@ from resume_check import kill_and_resume_equals_uninterrupted
 from safetensors.torch import load_file
 from seg_data import CLASSES, mosaic, write_folder
 
-from fdconv_zoo.cli import main as cli
-from fdconv_zoo.segment import build_parser, load_segmenter, main, predict_logits, scores, train
+from fdconv_zoo.apps.cli import main as cli
+from fdconv_zoo.apps.segment import build_parser, load_segmenter, main, predict_logits, scores, train
 
 pytestmark = pytest.mark.usefixtures('fresh_accelerate_state')  # (conftest.py)
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,7 +134,7 @@ def test_hub_style_dataset_slide_evaluation_fpn_and_frozen_stages(mosaics, tmp_p
     saved = load_file(str(tmp_path / 'run' / 'model' / 'model.safetensors'))
     from accelerate.utils import set_seed
 
-    from fdconv_zoo.segment import build_segmenter
+    from fdconv_zoo.apps.segment import build_segmenter
     set_seed(0)
     init = build_segmenter('resnet18_fdconv', 'fpn', 3, False, {'channels': [32, 32, 64, 64], 'stem_width': 32,
                                                                  'layers': [1, 1, 1, 1], 'num_freq_groups': 8},

@@ -13,7 +13,7 @@ import timm
 import torch
 
 import fdconv_zoo  # noqa: F401  registers the architectures (parametrized below)
-from fdconv_zoo.export import program
+from fdconv_zoo.apps.export import program
 
 SUITE = Path(__file__).resolve().parent.parent / '.timm-tests' / f'timm-{timm.__version__}'
 

@@ -1,4 +1,4 @@
-"""Defaults of the training scripts that follow the run and the data (fdconv_zoo.training and the tasks)."""
+"""Defaults of the training scripts that follow the run and the data (fdconv_zoo.apps.training and the tasks)."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +13,7 @@ class _Printer:
 
 
 def test_warmup_longer_than_a_quarter_of_the_run_is_shortened_with_one_line():
-    from fdconv_zoo.training import fit_warmup
+    from fdconv_zoo.apps.training import fit_warmup
     printer = _Printer()
     assert fit_warmup(printer, 20, 100, '--warmup-iters') == 20 and printer.lines == []
     assert fit_warmup(printer, 500, 120, '--warmup-iters') == 30
@@ -28,13 +28,13 @@ def test_warmup_longer_than_a_quarter_of_the_run_is_shortened_with_one_line():
     (['64'], ['100', '200'], [100, 200]),
 ])
 def test_segmentation_resize_scale_follows_the_crop(crop, scale, expected):
-    from fdconv_zoo.segment import build_parser, resize_scale
+    from fdconv_zoo.apps.segment import build_parser, resize_scale
     argv = ['--crop-size', *crop] + (['--scale', *scale] if scale else [])
     assert resize_scale(build_parser().parse_args(argv)) == expected
 
 
 def test_detection_freezes_only_what_pretrained_weights_bring():
-    from fdconv_zoo.detect import build_parser
+    from fdconv_zoo.apps.detect import build_parser
     scratch = build_parser().parse_args(['--no-pretrained'])
     assert scratch.freeze_stages is None and scratch.frozen_bn is None  # resolved in train(): 0 and live BatchNorm
     assert build_parser().parse_args(['--frozen-bn']).frozen_bn is True

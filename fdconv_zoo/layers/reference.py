@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import CheckpointKeyError
 from .fdw import dense_spectrum
 
 if TYPE_CHECKING:  # the layer builds itself from a reference state dict through this module
@@ -103,7 +104,7 @@ def reference_to_native(
             raise ValueError(f"key 'weight' has shape {tuple(weight.shape)}, expected {layer.fdw.weight_shape}")
         spectrum = dense_spectrum(weight)
     else:
-        raise KeyError("reference state dict has neither 'dft_weight' nor 'weight'")
+        raise CheckpointKeyError("reference state dict has neither 'dft_weight' nor 'weight'")
     native['fdw.spectrum'] = (spectrum / layer.fdw.scale).float().contiguous()
     native['fdw.spectrum_scale'] = torch.tensor(layer.fdw.scale)
     if 'bias' in sd:
@@ -139,7 +140,7 @@ def reference_to_native(
         missing.append('FBM')
 
     if sd:
-        raise KeyError(f"unexpected reference keys: {sorted(sd)}")
+        raise CheckpointKeyError(f"unexpected reference keys: {sorted(sd)}")
     return native, missing
 
 
@@ -150,7 +151,7 @@ def check_keys_and_shapes(own: dict[str, torch.Tensor], state_dict: dict[str, to
     unexpected = sorted(k for k in state_dict if k not in own)
     if unexpected:
         names = [prefix + k for k in unexpected[:10]]
-        raise KeyError(f"keys that do not exist in {owner}: {names}"
+        raise CheckpointKeyError(f"keys that do not exist in {owner}: {names}"
                        + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
     for key, value in state_dict.items():
         if tuple(own[key].shape) != tuple(value.shape):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from timm.models import build_model_with_cfg, get_pretrained_cfg
 
+from ..errors import OptionError
 from ..layers import FDConv2d, FDLinear
 from ..layers.fdconv import check_options
 from ..layers.fdw import upgrade_spectrum
@@ -26,14 +28,14 @@ FDCONV_OPTIONS: dict[str, Any] = {
 
 
 def fdconv_options(**overrides: Any) -> dict[str, Any]:
-    """The layer options with ``overrides`` applied; an unknown name is a TypeError that names it."""
+    """The layer options with ``overrides`` applied; an unknown name is an OptionError (a TypeError) that names it."""
     if 'recompute' in overrides:  # an option before the fdconv operators; configs saved with it still load
         overrides = {k: v for k, v in overrides.items() if k != 'recompute'}
         warnings.warn("FDConv option 'recompute' is gone: training always rebuilds the per-sample kernels in "
                       "backward; ignoring it", FutureWarning, stacklevel=3)
     unknown = sorted(set(overrides) - set(FDCONV_OPTIONS))
     if unknown:
-        raise TypeError(f"unknown FDConv option(s): {unknown}")
+        raise OptionError(f"unknown FDConv option(s): {unknown}")
     check_options(**overrides)  # before any layer is built: the error names the option as the config spells it
     options = {**FDCONV_OPTIONS, **overrides}
     options['fbm_cutoffs'] = tuple(options['fbm_cutoffs'])
@@ -129,3 +131,13 @@ def dense_tag_cfg(dense_name: str, **overrides: Any) -> dict[str, Any]:
                     'outputs equal the dense checkpoint at step 0.',)
     src.update(overrides)
     return src
+
+
+def stage_of(name: str) -> int | None:
+    """Stage (0-based) of a module name in a timm model or its features_only wrapper; None for the stem."""
+    m = re.match(r'^(?:.*\.)?(?:layer(\d+)|stages[._](\d+)|layers[._](\d+))(?:\.|$)', name)
+    if not m:
+        return None
+    if m.group(1):
+        return int(m.group(1)) - 1  # ResNet layer1..4 -> 0..3
+    return int(m.group(2) or m.group(3))

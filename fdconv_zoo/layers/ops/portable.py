@@ -1,5 +1,5 @@
 """``fdconv::dynamic_conv`` in operations every exporter and runtime has: the decomposition that the ONNX export
-(``fdconv_zoo.export``) hands to ``run_decompositions``. Only exports import this module (and ``dft``)."""
+(``fdconv_zoo.apps.export``) hands to ``run_decompositions``. Only exports import this module (and ``dft``)."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,6 @@
 """Semantic segmentation with a zoo encoder (FDConv or dense) and a segmentation_models_pytorch decoder through
 its timm-universal encoder (``tu-<name>``): UPerNet (the paper's setting), FPN or DeepLabV3+. The loop,
-checkpoints, exact resume and logging are fdconv_zoo.training's; ``scripts/segment.py`` is the entry point."""
+checkpoints, exact resume and logging are fdconv_zoo.apps.training's; ``scripts/segment.py`` is the entry point."""
 from __future__ import annotations
 
 import argparse
@@ -18,10 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import models as _models  # noqa: F401  registers the FDConv families
-from .atomic import atomic_dir, write_bytes, write_json
-from .cards import task_card
-from .hub import push_folder
+from .. import models as _models  # noqa: F401  registers the FDConv families
+from ..atomic import atomic_dir, write_bytes, write_json
+from ..cards import task_card
+from ..hub import push_folder
+from .data import open_dataset, open_split, pick_split
 from .streaming import (
     add_streaming_arguments,
     check_streaming_args,
@@ -29,7 +30,6 @@ from .streaming import (
     process_part,
     resume_run,
     run,
-    to_stream,
     train_loader_for,
 )
 from .training import (
@@ -125,16 +125,9 @@ def load_splits(args: argparse.Namespace, accelerator=None):
     if args.streaming:
         if not args.dataset:
             raise ValueError('--streaming needs --dataset (a Hugging Face dataset or save_to_disk folder)')
-        import datasets
-        if os.path.exists(args.dataset):
-            loaded = datasets.load_from_disk(args.dataset)
-            for split in (args.train_split, args.val_split):
-                if split not in loaded:
-                    raise ValueError(f"split {split!r} not in {args.dataset} (has {list(loaded)})")
-            train, val = to_stream(loaded[args.train_split], accelerator), loaded[args.val_split]
-        else:
-            train = datasets.load_dataset(args.dataset, args.dataset_config, split=args.train_split, streaming=True)
-            val = datasets.load_dataset(args.dataset, args.dataset_config, split=args.val_split)
+        train = open_split(args.dataset, args.dataset_config, args.train_split, streaming=True,
+                           accelerator=accelerator)
+        val = open_split(args.dataset, args.dataset_config, args.val_split)
         return (process_part(_hf_rows(train, args.image_column, args.mask_column, args.train_split), accelerator,
                              args), _hf_rows(val, args.image_column, args.mask_column, args.val_split))
     if args.train_dir:
@@ -143,19 +136,9 @@ def load_splits(args: argparse.Namespace, accelerator=None):
         return folder_rows(args.train_dir), folder_rows(args.val_dir)
     if not args.dataset:
         raise ValueError('give --dataset or --train-dir/--val-dir')
-    import datasets
-    if os.path.exists(args.dataset):
-        try:
-            loaded = datasets.load_from_disk(args.dataset)
-        except FileNotFoundError as e:
-            raise ValueError(f"--dataset {args.dataset} is not a dataset saved with save_to_disk ({e})") from None
-    elif args.dataset.startswith(('.', '/', '~')):
-        raise ValueError(f"--dataset {args.dataset}: no such folder")
-    else:
-        loaded = datasets.load_dataset(args.dataset, args.dataset_config)
+    loaded = open_dataset(args.dataset, args.dataset_config)
     for split in (args.train_split, args.val_split):
-        if split not in loaded:
-            raise ValueError(f"split {split!r} not in {args.dataset} (has {list(loaded)})")
+        pick_split(loaded, split, args.dataset)
     return tuple(_hf_rows(loaded[s], args.image_column, args.mask_column, s)
                  for s in (args.train_split, args.val_split))
 
@@ -467,8 +450,8 @@ def _export(model: nn.Module, folder: Path, names: list[str], mean, std, results
     """smp's save_pretrained (config.json that rebuilds the model, model.safetensors) and segmentation.json
     (classes, ignore index, normalisation, evaluation, provenance), written atomically."""
     model = _plain_batchnorm(model)
-    origin = (f"fine-tuned with fdconv_zoo.segment from {args.model}" if args.pretrained else
-              f"trained with fdconv_zoo.segment from random initialisation ({args.model} encoder)")
+    origin = (f"fine-tuned with fdconv_zoo.apps.segment from {args.model}" if args.pretrained else
+              f"trained with fdconv_zoo.apps.segment from random initialisation ({args.model} encoder)")
     meta = {'label_names': names, 'ignore_index': args.ignore_index, 'reduce_labels': args.reduce_labels,
             'mean': mean, 'std': std, 'encoder': args.model, 'decoder': args.decoder,
             'model_kwargs': parse_model_kwargs(args.model_kwargs), 'eval_mode': args.eval_mode,
@@ -502,7 +485,7 @@ def segmentation_card(meta: dict[str, Any], repo_id: str) -> str:
     results = meta.get('results', {})
     body = (f"# {repo_id}\n\n{DECODERS[meta['decoder']]} on the `{meta['encoder']}` encoder "
             f"({len(meta['label_names'])} classes), {meta['notes']}.\n\n"
-            "```python\nfrom fdconv_zoo.segment import load_segmenter\n"
+            "```python\nfrom fdconv_zoo.apps.segment import load_segmenter\n"
             f"model, meta = load_segmenter('path/to/{repo_id}')\n```\n")
     return task_card(repo_id, task='image-segmentation', library='segmentation-models-pytorch',
                      metrics={k: results.get(k) for k in ('mIoU', 'mAcc', 'aAcc')},

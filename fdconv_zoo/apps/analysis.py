@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import FDConv2d, FDLinear
-from .layers.fdw import matrix_to_weight, weight_to_matrix
-from .layers.ops import synthesize
+from ..layers import FDConv2d, FDLinear
+from ..layers.fdw import matrix_to_weight, weight_to_matrix
+from ..layers.ops import synthesize
+from ..models import stage_of
 
 RADIAL_BINS = 48
 BASELINE_EXPERTS = 16
@@ -22,7 +23,6 @@ BASELINE_EXPERTS = 16
 
 def representative_layers(layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """The first FDConv layer of each stage (and of the stem): the detailed pages without --layers."""
-    from .training import stage_of
     chosen: dict[Any, str] = {}
     for name in layers:
         chosen.setdefault(stage_of(name), name)

@@ -1,4 +1,4 @@
-"""``fdconv-zoo analyze``: draws what fdconv_zoo.analysis computes, as PNGs (matplotlib), a JSON file with every
+"""``fdconv-zoo analyze``: draws what fdconv_zoo.apps.analysis computes, as PNGs (matplotlib), a JSON file with every
 number plotted, and an index.html that shows the PNGs with a line each on how to read them."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..atomic import atomic_dir, write_bytes, write_json, write_text
 from . import analysis
-from .atomic import atomic_dir, write_bytes, write_json, write_text
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .layers import FourierDisjointWeight, ops
+from ..layers import FourierDisjointWeight, ops
 
 aten = torch.ops.aten
 

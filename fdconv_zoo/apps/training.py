@@ -18,8 +18,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .atomic import write_json
-from .layers import FDConv2d, FDLinear
+from ..atomic import write_json
+from ..layers import FDConv2d, FDLinear
+from ..models import stage_of
 
 CHECKPOINT_RE = re.compile(r'^step_(\d+)$')
 
@@ -145,16 +146,6 @@ def make_loader(rows: SeededRows, batch_size: int, shuffle: bool, workers: int, 
 
 
 # ---------------------------------------------------------------------------------------- what trains
-def stage_of(name: str) -> int | None:
-    """Stage (0-based) of a module name in a timm model or its features_only wrapper; None for the stem."""
-    m = re.match(r'^(?:.*\.)?(?:layer(\d+)|stages[._](\d+)|layers[._](\d+))(?:\.|$)', name)
-    if not m:
-        return None
-    if m.group(1):
-        return int(m.group(1)) - 1  # ResNet layer1..4 -> 0..3
-    return int(m.group(2) or m.group(3))
-
-
 def modulation_parameters(model: nn.Module, stages: list[int] | None = None) -> list[nn.Parameter]:
     """KSM and FBM parameters of the FDConv layers (in the given stages): what starts untrained in a converted
     model and must keep learning even where the dense weights are frozen."""
@@ -348,18 +339,16 @@ def train_loop(accelerator, args: argparse.Namespace, model: nn.Module, optimize
 def run_main(name: str, parser: argparse.ArgumentParser, train: Callable[[argparse.Namespace], dict[str, Any]],
              summary: Callable[[dict[str, Any]], str], argv: list[str] | None = None) -> int:
     """A training entry point: parse, train, print ``summary(results)``; bad input is one line on stderr and
-    exit code 2."""
-    import sys
+    exit code ``errors.EXIT_BAD_INPUT``."""
     import time
 
-    from .hub import EXPECTED_ERRORS, one_line
+    from ..errors import USER_ERRORS, report
     args = parser.parse_args(argv)
     start = time.time()
     try:
         results = train(args)
-    except EXPECTED_ERRORS as e:
-        print(f"{name}: {one_line(e)}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report(name, e)
     print(f"{summary(results)} ({results['steps']} updates, {time.time() - start:.0f} s)")
     return 0
 

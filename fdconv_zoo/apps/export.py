@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 from torch.utils._sympy.numbers import int_oo
 
-from .atomic import publish
-from .layers.ops.portable import portable_dynamic_conv
+from ..atomic import publish
+from ..layers.ops.portable import portable_dynamic_conv
 
 FORMATS = ('onnx', 'pt2')
 VERIFY_BATCHES = (1, 3, 8)

@@ -19,10 +19,11 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from . import models as _models  # noqa: F401  registers the FDConv families
-from .atomic import atomic_dir, write_json
-from .hub import write_hf_files
-from .models._fdconv import describe_origin
+from .. import models as _models  # noqa: F401  registers the FDConv families
+from ..atomic import atomic_dir, write_json
+from ..hub import write_hf_files
+from ..models._fdconv import describe_origin
+from .data import is_folder, load_folder, open_dataset, open_split, pick_split, validation_split
 from .streaming import (
     add_streaming_arguments,
     check_streaming_args,
@@ -30,7 +31,6 @@ from .streaming import (
     process_part,
     resume_run,
     run,
-    to_stream,
     train_loader_for,
 )
 from .training import (
@@ -46,7 +46,7 @@ from .training import (
     unsharded,
 )
 
-_logger = logging.getLogger('fdconv_zoo.finetune')
+_logger = logging.getLogger('fdconv_zoo.apps.finetune')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,17 +110,14 @@ def load_stream_splits(args: argparse.Namespace, accelerator):
             raise ValueError('--streaming with --train-dir needs --train-dir and --val-dir folders')
         train = datasets.load_dataset('imagefolder', data_dir=args.train_dir, split='train', streaming=True)
         val = datasets.load_dataset('imagefolder', data_dir=args.val_dir, split='train')
-    elif args.dataset and os.path.exists(args.dataset):
-        loaded = datasets.load_from_disk(args.dataset)
-        val_split = args.val_split or next((s for s in ('validation', 'val', 'test') if s in loaded), None)
-        for split in (args.train_split, val_split):
-            if split not in loaded:
-                raise ValueError(f"split {split!r} not in {args.dataset} (has {list(loaded)}); --streaming needs a "
-                                 f"validation split")
-        train, val = to_stream(loaded[args.train_split], accelerator), loaded[val_split]
     elif args.dataset:
-        train = datasets.load_dataset(args.dataset, args.dataset_config, split=args.train_split, streaming=True)
-        val = datasets.load_dataset(args.dataset, args.dataset_config, split=args.val_split or 'validation')
+        if is_folder(args.dataset):  # --streaming needs a validation split there
+            val_split = validation_split(load_folder(args.dataset), args.val_split) or 'validation'
+        else:
+            val_split = args.val_split or 'validation'
+        train = open_split(args.dataset, args.dataset_config, args.train_split, streaming=True,
+                           accelerator=accelerator)
+        val = open_split(args.dataset, args.dataset_config, val_split)
     else:
         raise ValueError('give --dataset or --train-dir')
     image, label = _detect_columns(val, args.image_column, args.label_column)
@@ -142,22 +139,9 @@ def load_splits(args: argparse.Namespace):
             val = datasets.load_dataset('imagefolder', data_dir=args.val_dir, split='train')
         splits = None
     elif args.dataset:
-        # Hub dataset ids are 'name' or 'owner/name'; anything else is meant as a folder
-        looks_like_path = args.dataset.startswith(('.', '/', '~')) or args.dataset.count('/') > 1
-        if looks_like_path and not os.path.exists(os.path.expanduser(args.dataset)):
-            raise ValueError(f"--dataset {args.dataset}: no such folder")
-        if os.path.exists(args.dataset):
-            try:
-                loaded = datasets.load_from_disk(args.dataset)
-            except FileNotFoundError as e:
-                raise ValueError(f"--dataset {args.dataset} is not a dataset saved with save_to_disk ({e})") from None
-        else:
-            loaded = datasets.load_dataset(args.dataset, args.dataset_config)
-        splits = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
-        if args.train_split not in splits:
-            raise ValueError(f"split {args.train_split!r} not in {args.dataset} (has {list(splits)})")
-        train = splits[args.train_split]
-        val_split = args.val_split or next((s for s in ('validation', 'val', 'test') if s in splits), None)
+        splits = open_dataset(args.dataset, args.dataset_config)
+        train = pick_split(splits, args.train_split, args.dataset)
+        val_split = validation_split(splits, args.val_split)
         val = splits[val_split] if val_split else None
     else:
         raise ValueError('give --dataset or --train-dir')
@@ -279,7 +263,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         _export(export.float(), out / 'model', names, data_config, results, args)
         write_json(out / 'results.json', results)
         if args.push_to_hub:
-            from .hub import push
+            from ..hub import push
             push(out / 'model', args.hub_repo_id or f"{args.model.split('.')[0]}-finetuned")
     accelerator.end_training()
     return results
@@ -290,9 +274,9 @@ def _export(model: nn.Module, folder: Path, names: list[str], data_config: dict,
     """save_for_hf (model.safetensors + config.json with label names, the data config used and where the
     weights came from), atomically."""
     if args.pretrained:
-        describe_origin(model, f"fine-tuned with fdconv_zoo.finetune from {args.model}")
+        describe_origin(model, f"fine-tuned with fdconv_zoo.apps.finetune from {args.model}")
     else:
-        describe_origin(model, f"trained with fdconv_zoo.finetune from random initialisation ({args.model} "
+        describe_origin(model, f"trained with fdconv_zoo.apps.finetune from random initialisation ({args.model} "
                                f"architecture, no pretrained weights)", derived=False)
     with atomic_dir(folder, replace=True) as tmp:
         write_hf_files(model, tmp, model_config={'label_names': names}, data_config=data_config)

@@ -1,6 +1,6 @@
 """Object detection and instance segmentation: torchvision's Faster R-CNN and Mask R-CNN on a zoo backbone
 (timm ``features_only``, strides 4-32) with torchvision's FeaturePyramidNetwork, trained in the paper's 1x
-setting on the loop of fdconv_zoo.training and evaluated with the COCO protocol (torchmetrics).
+setting on the loop of fdconv_zoo.apps.training and evaluated with the COCO protocol (torchmetrics).
 ``scripts/detect.py`` is the entry point."""
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ import timm
 import torch
 import torch.nn as nn
 
-from . import models as _models  # noqa: F401  registers the FDConv families
-from .atomic import atomic_dir, write_bytes, write_json
-from .cards import task_card
-from .hub import push_folder
+from .. import models as _models  # noqa: F401  registers the FDConv families
+from ..atomic import atomic_dir, write_bytes, write_json
+from ..cards import task_card
+from ..hub import push_folder
+from .data import open_split
 from .streaming import (
     add_streaming_arguments,
     check_streaming_args,
@@ -30,7 +31,6 @@ from .streaming import (
     process_part,
     resume_run,
     run,
-    to_stream,
     train_loader_for,
 )
 from .training import (
@@ -182,15 +182,6 @@ class HFRecords(Sequence):
         return hf_record(self.ds[index], f'{self.split} example {index}', self.num_classes)
 
 
-def _open_hf(args: argparse.Namespace, split: str, streaming: bool = False):
-    if os.path.exists(args.dataset):
-        loaded = datasets.load_from_disk(args.dataset)
-        if split not in loaded:
-            raise ValueError(f"split {split!r} not in {args.dataset} (has {list(loaded)})")
-        return loaded[split]
-    return datasets.load_dataset(args.dataset, args.dataset_config, split=split, streaming=streaming)
-
-
 def load_hf(args: argparse.Namespace, accelerator=None) -> tuple[Any, HFRecords, list[str]]:
     """Records from a Hugging Face detection dataset: an image column and ``objects`` with ``bbox`` (COCO
     x, y, w, h), ``category`` (0-based; names from its ClassLabel) and optional ``segmentation``/``iscrowd``.
@@ -199,7 +190,8 @@ def load_hf(args: argparse.Namespace, accelerator=None) -> tuple[Any, HFRecords,
     validation split."""
     splits = []
     for split in (args.train_split, args.val_split):
-        ds = _open_hf(args, split, streaming=args.streaming and split == args.train_split)
+        streamed = args.streaming and split == args.train_split
+        ds = open_split(args.dataset, args.dataset_config, split, streaming=streamed, accelerator=accelerator)
         if 'objects' not in ds.features:
             raise ValueError(f"split {split!r} of {args.dataset} has no 'objects' column ({list(ds.features)})")
         splits.append(ds)
@@ -210,8 +202,7 @@ def load_hf(args: argparse.Namespace, accelerator=None) -> tuple[Any, HFRecords,
         names = [str(i) for i in range(high + 1)]
     val = HFRecords(splits[1], args.val_split, len(names))
     if args.streaming:
-        train = splits[0] if isinstance(splits[0], datasets.IterableDataset) else to_stream(splits[0], accelerator)
-        return process_part(train, accelerator, args), val, names
+        return process_part(splits[0], accelerator, args), val, names
     return HFRecords(splits[0], args.train_split, len(names)), val, names
 
 
@@ -292,7 +283,7 @@ def build_detector(config: dict[str, Any], pretrained: bool = False) -> nn.Modul
 
 def load_detector(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """A saved detector (config.json + model.safetensors), in eval mode, and its config: one call, no network."""
-    from .hub import read_weights
+    from ..hub import read_weights
     folder = Path(folder)
     config_path = folder / 'config.json'
     if not config_path.is_file():
@@ -467,8 +458,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     export = unsharded(accelerator.unwrap_model(model), lambda: build_detector(config))
     if accelerator.is_main_process:
-        origin = (f"fine-tuned with fdconv_zoo.detect from {args.model}" if args.pretrained else
-                  f"trained with fdconv_zoo.detect from random initialisation ({args.model} backbone)")
+        origin = (f"fine-tuned with fdconv_zoo.apps.detect from {args.model}" if args.pretrained else
+                  f"trained with fdconv_zoo.apps.detect from random initialisation ({args.model} backbone)")
         config['notes'] = origin
         _export(export.float(), out / 'model', config, results)
         write_json(out / 'results.json', results)
@@ -487,7 +478,7 @@ def _export(model: nn.Module, folder: Path, config: dict[str, Any], results: dic
     scores = {k: v for k, v in config['results'].items() if k.startswith(('box_', 'mask_'))}
     body = (f"# {folder.name}\n\n{config['detector']} on the `{config['backbone']}` backbone with an FPN "
             f"({len(config['label_names'])} classes), {config['notes']}.\n\n"
-            "```python\nfrom fdconv_zoo.detect import load_detector\n"
+            "```python\nfrom fdconv_zoo.apps.detect import load_detector\n"
             f"model, config = load_detector('path/to/{folder.name}')\n```\n")
     with atomic_dir(folder, replace=True) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / 'model.safetensors'))

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 import timm
 import torch
 
-from . import models as _models  # noqa: F401  registers the FDConv families with timm
+from .. import models as _models  # noqa: F401  registers the FDConv families with timm
+from ..errors import USER_ERRORS, report
+from ..models._fdconv import fdconv_checkpoint_filter
 from .benchmark import count_flops, count_params, liven_
-from .hub import EXPECTED_ERRORS, one_line
-from .models._fdconv import fdconv_checkpoint_filter
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -65,7 +65,7 @@ def list_models(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Dense vs FDConv: eval latency per batch size, a training step with peak memory, per-part breakdown."""
-    from .atomic import write_json
+    from ..atomic import write_json
     from .benchmark import check_backend, compare, dense_counterpart, part_breakdown
     for name in args.models:
         dense_counterpart(name)  # a dense name is refused before anything runs
@@ -109,17 +109,17 @@ def _bench_line(r) -> str:
 
 
 def convert_cmd(args: argparse.Namespace) -> int:
-    from .hub import convert
+    from ..hub import convert
     out = convert(args.source, args.out_dir, arch=args.arch)
     print(f"wrote {out}/model.safetensors and config.json")
     return 0
 
 
 def push_cmd(args: argparse.Namespace) -> int:
-    from .hub import push
+    from ..hub import push
     card = None
     if args.manifest:
-        from .cards import load_manifest_entry, model_card
+        from ..cards import load_manifest_entry, model_card
         card = model_card(args.dir, args.repo_id, entry=load_manifest_entry(args.manifest))
     repo = push(args.dir, args.repo_id, org=args.org, private=args.private, card=card)
     print(f"pushed {args.dir} to {repo}")
@@ -127,7 +127,7 @@ def push_cmd(args: argparse.Namespace) -> int:
 
 
 def pull_cmd(args: argparse.Namespace) -> int:
-    from .hub import pull
+    from ..hub import pull
     print(pull(args.repo_id, args.out_dir, revision=args.revision, org=args.org))
     return 0
 
@@ -135,13 +135,13 @@ def pull_cmd(args: argparse.Namespace) -> int:
 def info_cmd(args: argparse.Namespace) -> int:
     import json
 
-    from .hub import info
+    from ..hub import info
     print(json.dumps(info(args.path_or_repo, revision=args.revision), indent=1))
     return 0
 
 
 def card_cmd(args: argparse.Namespace) -> int:
-    from .cards import write_card
+    from ..cards import write_card
     for entry in args.entries:
         print(write_card(entry, args.out_root))
     return 0
@@ -152,7 +152,7 @@ def _load_model(spec: str, no_pretrained: bool) -> torch.nn.Module:
     save_for_hf or a training script (its model/ subfolder)."""
     from pathlib import Path
 
-    from .hub import load_checkpoint
+    from ..hub import load_checkpoint
     path = Path(spec)
     if path.is_dir():
         return load_checkpoint(path / 'model' if (path / 'model' / 'config.json').is_file() else path)
@@ -283,11 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except EXPECTED_ERRORS as e:
+    except USER_ERRORS as e:
         if args.debug:
             raise
-        print(f"fdconv-zoo {args.command}: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
-        return 1
+        return report(f'fdconv-zoo {args.command}', e, ' (--debug shows the traceback)')
 
 
 if __name__ == '__main__':

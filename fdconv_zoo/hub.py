@@ -25,8 +25,7 @@ from safetensors.torch import load_file
 from . import models as _models  # noqa: F401  registers the FDConv families
 from .atomic import atomic_dir
 from .errors import HubError
-from .layers.fdw import FourierDisjointWeight, upgrade_spectrum
-from .layers.reference import check_keys_and_shapes
+from .layers.weight_import import check_keys_and_shapes, upgrade_native
 from .models._fdconv import FDCONV_PAPER, describe_origin, fdconv_checkpoint_filter
 
 ORG_ENV = 'FDCONV_ZOO_ORG'
@@ -161,9 +160,7 @@ def load_checkpoint(folder: str | os.PathLike, **kwargs: Any) -> torch.nn.Module
 def _load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: Path | str) -> None:
     own = model.state_dict()
     try:
-        for name, module in model.named_modules():
-            if isinstance(module, FourierDisjointWeight):  # checkpoints before the orthonormal scale
-                upgrade_spectrum(state_dict, f'{name}.', module.scale)
+        upgrade_native(model, state_dict)  # checkpoints before the orthonormal scale
     except ValueError as e:
         raise HubError(f"{source}: {e}") from None
     missing = sorted(set(own) - set(state_dict))

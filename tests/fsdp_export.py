@@ -1,5 +1,5 @@
 """Run under torchrun with 2 CPU processes (gloo): a resnet18_fdconv sharded with FSDP2's fully_shard trains two
-steps, then goes through the project's export (fdconv_zoo.apps.training.unsharded, fdconv_zoo.save_for_hf, and a
+steps, then goes through the project's export (fdconv_zoo.apps.training.plain_copy, fdconv_zoo.save_for_hf, and a
 push to the Hub server at HF_ENDPOINT). Rank 0 also writes the full weights it gathered itself, to compare."""
 import sys
 from pathlib import Path
@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 
 import fdconv_zoo
-from fdconv_zoo.apps.training import unsharded
+from fdconv_zoo.apps.training import plain_copy
 from fdconv_zoo.hub import push
 
 KWARGS = dict(num_classes=4, channels=[16, 16, 32, 32], stem_width=16, layers=[1, 1, 1, 1], num_freq_groups=8)
@@ -33,7 +33,7 @@ def main(out: Path, repo: str) -> None:
         optimizer.step()
         optimizer.zero_grad()
     full = {k: v.full_tensor() if hasattr(v, 'full_tensor') else v for k, v in model.state_dict().items()}
-    export = unsharded(model, lambda: timm.create_model('resnet18_fdconv', **KWARGS))
+    export = plain_copy(model, lambda: timm.create_model('resnet18_fdconv', **KWARGS))
     assert (export is None) == (rank != 0)
     if rank == 0:
         save_file({k: v.contiguous() for k, v in full.items()}, str(out / 'gathered.safetensors'))

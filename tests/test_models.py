@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 from conftest import rel_err
-from safetensors.torch import save
+from safetensors.torch import load, save
 from timm.models import save_for_hf
 
 import fdconv_zoo  # noqa: F401  registers the models
@@ -93,24 +93,77 @@ def test_resnet_placement_follows_the_paper():
     assert isinstance(r18.layer1[0].conv1, FDConv2d) and isinstance(r18.layer1[0].conv2, FDConv2d)
 
 
-@pytest.mark.parametrize('name,size', [('resnet50_fdconv', 128), ('convnext_tiny_fdconv', 128),
-                                       ('swin_tiny_patch4_window7_224_fdconv', 224)])
-def test_features_only_strides_4_to_32(name, size):
-    model = timm.create_model(name, features_only=True, out_indices=(-4, -3, -2, -1)).eval()
-    assert model.feature_info.reduction() == [4, 8, 16, 32]
-    with torch.no_grad():
-        feats = model(torch.randn(1, 3, size, size))
-    channels = model.feature_info.channels()
-    for f, c, r in zip(feats, channels, [4, 8, 16, 32], strict=True):
-        assert f.shape[-1] * r == size or f.shape[-2] * r == size
-        assert c in f.shape
-    full = timm.create_model(name).eval()
-    with torch.no_grad():
-        inter = full.forward_intermediates(torch.randn(1, 3, size, size), indices=4, intermediates_only=True)
-    assert len(inter) == 4
-
-
 def test_configs_saved_with_the_old_recompute_option_still_load():
     with pytest.warns(FutureWarning, match="'recompute' is gone"):
         model = timm.create_model('resnet18_fdconv', recompute=False, num_freq_groups=8)
     assert model.layer1[0].conv1.num_freq_groups == 8
+
+
+class ArchitectureTester:
+    """What every FDConv architecture must do as a timm model (in the style of smp's BaseModelTester): one
+    subclass per family, on a narrow member so that each check takes seconds."""
+    name: str
+    size: int = 64
+    kwargs: dict = {}
+
+    def model(self, **kwargs) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model(self.name, **{**self.kwargs, **kwargs})
+
+    def test_forward_with_new_head_and_input_channels(self):
+        model = self.model(num_classes=7, in_chans=1).eval()
+        with torch.no_grad():
+            assert model(torch.randn(2, 1, self.size, self.size)).shape == (2, 7)
+        assert any(isinstance(m, (FDConv2d, FDLinear)) for m in model.modules())
+
+    def test_backward_reaches_every_fdconv_parameter(self):
+        model = liven_(self.model(num_classes=3)).train()
+        model(torch.randn(2, 3, self.size, self.size)).logsumexp(1).sum().backward()
+        for name, module in model.named_modules():
+            if isinstance(module, (FDConv2d, FDLinear)):
+                for pname, p in module.named_parameters():
+                    assert p.grad is not None and torch.isfinite(p.grad).all(), f'{name}.{pname}'
+                assert module.fdw.spectrum.grad.abs().sum() > 0, name
+
+    def test_features_only_strides_4_to_32(self):
+        model = self.model(features_only=True, out_indices=(-4, -3, -2, -1)).eval()
+        assert model.feature_info.reduction() == [4, 8, 16, 32]
+        with torch.no_grad():
+            feats = model(torch.randn(1, 3, self.size, self.size))
+        for f, c, r in zip(feats, model.feature_info.channels(), [4, 8, 16, 32], strict=True):
+            assert c in f.shape and (f.shape[-1] * r == self.size or f.shape[-2] * r == self.size)
+
+    def test_forward_intermediates_and_grad_checkpointing(self):
+        model = liven_(self.model()).eval()
+        x = torch.randn(1, 3, self.size, self.size)
+        with torch.no_grad():
+            final, inter = model.forward_intermediates(x, indices=4)
+            assert len(inter) == 4
+            torch.testing.assert_close(model.forward_head(final), model(x))
+        model.set_grad_checkpointing(True)
+        model.train()
+        model(x).sum().backward()  # checkpointed FDConv blocks recompute their kernels
+
+    def test_state_dict_round_trip_through_safetensors(self):
+        model = liven_(self.model()).eval()
+        other = self.model()
+        other.load_state_dict(load(save(model.state_dict())), strict=True)
+        x = torch.randn(1, 3, self.size, self.size)
+        with torch.no_grad():
+            torch.testing.assert_close(other.eval()(x), model(x), rtol=0, atol=0)
+
+
+class TestResNet(ArchitectureTester):
+    name = 'resnet18_fdconv'
+    kwargs = dict(channels=[16, 16, 32, 32], stem_width=16, layers=[1, 1, 1, 1], num_freq_groups=8)
+
+
+class TestConvNeXt(ArchitectureTester):
+    name = 'convnext_tiny_fdconv'
+    kwargs = dict(dims=(24, 48, 96, 192), depths=(1, 1, 1, 1), num_freq_groups=8)
+
+
+class TestSwin(ArchitectureTester):
+    name = 'swin_tiny_patch4_window7_224_fdconv'
+    size = 224
+    kwargs = dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), num_freq_groups=8)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 class _Printer:
@@ -38,3 +39,29 @@ def test_detection_freezes_only_what_pretrained_weights_bring():
     scratch = build_parser().parse_args(['--no-pretrained'])
     assert scratch.freeze_stages is None and scratch.frozen_bn is None  # resolved in train(): 0 and live BatchNorm
     assert build_parser().parse_args(['--frozen-bn']).frozen_bn is True
+
+
+def test_plain_copy_for_export_leaves_the_trained_model_alone():
+    """The export copy is plain (BatchNorm2d where training used SyncBatchNorm), float32 and on the CPU, with the
+    trained values; the live model keeps its modules, dtype and values."""
+    import torch.nn as nn
+
+    from fdconv_zoo.apps.training import plain_copy
+
+    def build():
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    torch.manual_seed(0)
+    live = nn.SyncBatchNorm.convert_sync_batchnorm(build())
+    with torch.no_grad():
+        live[1].running_mean.uniform_()
+        live[1].weight.uniform_()
+    live = live.to(torch.bfloat16)
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    plain = plain_copy(live, build)
+    assert type(plain[1]) is nn.BatchNorm2d and type(live[1]) is nn.SyncBatchNorm
+    assert all(p.dtype == torch.float32 and p.device.type == 'cpu' for p in plain.state_dict().values()
+               if p.is_floating_point())
+    assert all(v.dtype == torch.bfloat16 for v in live.state_dict().values() if v.is_floating_point())
+    for key, value in live.state_dict().items():
+        assert torch.equal(value, before[key])
+        assert torch.equal(plain.state_dict()[key], value.to(plain.state_dict()[key].dtype))

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from ..layers import FDConv2d, FDLinear
 from ..layers.fdw import matrix_to_weight, weight_to_matrix
-from ..layers.ops import synthesize
 from ..models import stage_of
 
 RADIAL_BINS = 48
@@ -143,17 +142,8 @@ def _layer_inputs(model: nn.Module, layers: dict[str, nn.Module], images: torch.
 def per_sample_kernels(layer: FDConv2d | FDLinear, x: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
     """(the per-sample kernels (B, Cout*k, Cg*k) with every attention applied, the KSM attention, the static
     kernel matrix) of a layer for its input ``x``, computed the way its forward does."""
-    att, taps, windows, channel = layer.kernel_modulation(layer._tokens(x))
-    fdw = layer.fdw
-    kernels = synthesize(fdw.spectrum, fdw.indices(), fdw.operator_attention(att.kernel), taps, windows, channel,
-                         fdw.kernel_size, layer.groups)
-    b, k = kernels.shape[0], fdw.kernel_size
-    view = kernels.view(b, fdw.out_channels, k, -1, k)
-    if att.spatial is not None:
-        view = view * att.spatial.view(b, 1, k, 1, k)
-    if att.filter is not None:
-        view = view * att.filter.view(b, -1, 1, 1, 1)
-    return view.reshape(kernels.shape), att, weight_to_matrix(fdw.static_weight())
+    kernels, att = layer.per_sample_kernels(x)
+    return kernels, att, weight_to_matrix(layer.fdw.static_weight())
 
 
 def sobel_edges(images: torch.Tensor, size: tuple[int, int], quantile: float = 0.8) -> torch.Tensor:
@@ -197,7 +187,7 @@ def image_statistics(model: nn.Module, layers: dict[str, nn.Module], images: tor
             else 1.0
         if layer.fbm is not None:
             x = inputs[name]
-            bands = layer.fbm.band_scale(layer._tokens(x))
+            bands = layer.fbm.band_scale(layer.operator_input(x))
             edges = sobel_edges(images, tuple(bands.shape[-2:]))
             entry['fbm_bands'] = bands
             entry['fbm_edge_mean'] = [float(bands[:, j][edges].mean()) for j in range(bands.shape[1])]

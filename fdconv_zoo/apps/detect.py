@@ -41,10 +41,10 @@ from .training import (
     make_accelerator,
     make_loader,
     parse_model_kwargs,
+    plain_copy,
     run_length,
     run_main,
     select_trainable,
-    unsharded,
 )
 
 DETECTORS = ('faster_rcnn', 'mask_rcnn')
@@ -456,12 +456,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                'dataset': args.dataset if args.dataset and not os.path.exists(args.dataset) else 'custom',
                'train_loss': state.history}
     accelerator.wait_for_everyone()
-    export = unsharded(accelerator.unwrap_model(model), lambda: build_detector(config))
+    export = plain_copy(accelerator.unwrap_model(model), lambda: build_detector(config))
     if accelerator.is_main_process:
         origin = (f"fine-tuned with fdconv_zoo.apps.detect from {args.model}" if args.pretrained else
                   f"trained with fdconv_zoo.apps.detect from random initialisation ({args.model} backbone)")
         config['notes'] = origin
-        _export(export.float(), out / 'model', config, results)
+        _export(export, out / 'model', config, results)
         write_json(out / 'results.json', results)
         if args.push_to_hub:
             load_detector(out / 'model')  # refuse to publish what would not load

@@ -41,9 +41,9 @@ from .training import (
     make_loader,
     make_scheduler,
     parse_model_kwargs,
+    plain_copy,
     run_main,
     select_trainable,
-    unsharded,
 )
 
 _logger = logging.getLogger('fdconv_zoo.apps.finetune')
@@ -255,12 +255,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                'dataset': args.dataset if args.dataset and not os.path.exists(args.dataset) else 'custom',
                'split': 'validation', 'train_loss': state.history}
     accelerator.wait_for_everyone()
-    export = unsharded(ema.module if ema is not None else accelerator.unwrap_model(model),
+    export = plain_copy(ema.module if ema is not None else accelerator.unwrap_model(model),
                        lambda: timm.create_model(args.model, num_classes=len(names),
                                                  **parse_model_kwargs(args.model_kwargs)))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        _export(export.float(), out / 'model', names, data_config, results, args)
+        _export(export, out / 'model', names, data_config, results, args)
         write_json(out / 'results.json', results)
         if args.push_to_hub:
             from ..hub import push

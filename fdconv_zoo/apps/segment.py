@@ -40,9 +40,9 @@ from .training import (
     make_loader,
     make_scheduler,
     parse_model_kwargs,
+    plain_copy,
     run_main,
     select_trainable,
-    unsharded,
 )
 
 DECODERS = {'upernet': 'UPerNet', 'fpn': 'FPN', 'deeplabv3plus': 'DeepLabV3Plus'}
@@ -433,11 +433,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                'dataset': args.dataset if args.dataset and not os.path.exists(args.dataset) else 'custom',
                'train_loss': state.history}
     accelerator.wait_for_everyone()
-    export = unsharded(accelerator.unwrap_model(model), lambda: build_segmenter(
+    export = plain_copy(accelerator.unwrap_model(model), lambda: build_segmenter(
         args.model, args.decoder, len(names), False, parse_model_kwargs(args.model_kwargs), args.decoder_channels,
         args.decoder_norm))
     if accelerator.is_main_process:
-        _export(export.float(), out / 'model', names, mean, std, results, args)
+        _export(export, out / 'model', names, mean, std, results, args)
         write_json(out / 'results.json', results)
         if args.push_to_hub:
             push_segmenter(out / 'model', args.hub_repo_id or f"{args.model.split('.')[0]}-{args.decoder}")
@@ -449,7 +449,6 @@ def _export(model: nn.Module, folder: Path, names: list[str], mean, std, results
             args: argparse.Namespace) -> None:
     """smp's save_pretrained (config.json that rebuilds the model, model.safetensors) and segmentation.json
     (classes, ignore index, normalisation, evaluation, provenance), written atomically."""
-    model = _plain_batchnorm(model)
     origin = (f"fine-tuned with fdconv_zoo.apps.segment from {args.model}" if args.pretrained else
               f"trained with fdconv_zoo.apps.segment from random initialisation ({args.model} encoder)")
     meta = {'label_names': names, 'ignore_index': args.ignore_index, 'reduce_labels': args.reduce_labels,
@@ -466,18 +465,6 @@ def _export(model: nn.Module, folder: Path, names: list[str], mean, std, results
         write_json(tmp / META, meta)
         (tmp / 'README.md').unlink(missing_ok=True)
         write_bytes(tmp / 'README.md', segmentation_card(meta, folder.name).encode())
-
-
-def _plain_batchnorm(module: nn.Module) -> nn.Module:
-    """SyncBatchNorm back to BatchNorm2d for export (same parameters and statistics)."""
-    if isinstance(module, nn.SyncBatchNorm):
-        plain = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
-        plain.load_state_dict(module.state_dict())
-        return plain
-    for name, child in module.named_children():
-        setattr(module, name, _plain_batchnorm(child))
-    return module
 
 
 def segmentation_card(meta: dict[str, Any], repo_id: str) -> str:

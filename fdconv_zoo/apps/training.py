@@ -179,27 +179,30 @@ def select_trainable(backbone: nn.Module, args: argparse.Namespace) -> None:
             p.requires_grad_(False)
 
 
-def unsharded(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
-    """The trained model as a plain module to export. A model sharded by FSDP (FSDP2's ``fully_shard`` or
-    FSDP1) holds only its shard on each process: its full state dict is gathered (a collective: every process
-    calls this) and loaded into ``build()`` on the main process; the other processes get None. An unsharded
-    model is returned as it is."""
+def plain_copy(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
+    """The trained model as a plain float32 CPU module to export: ``build()`` (the architecture as one process
+    builds it, e.g. BatchNorm2d where training used SyncBatchNorm) loaded with ``model``'s weights, on the main
+    process; the other processes get None, and ``model`` itself is left as it is (device, dtype, modules). A
+    model sharded by FSDP (FSDP2's ``fully_shard`` or FSDP1) holds only its shard on each process: its full state
+    dict is gathered first (a collective: every process calls this)."""
+    import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
-    if not (any(isinstance(p, DTensor) for p in model.parameters())
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if (any(isinstance(p, DTensor) for p in model.parameters())
             or any(isinstance(m, FullyShardedDataParallel) for m in model.modules())):
-        return model
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() != 0:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = model.state_dict() if main else None
+    if not main:
         return None
-    plain = build()
+    plain = build().float()
     plain.load_state_dict(state)
     for attr in ('pretrained_cfg', '_model_args'):  # what timm's save_for_hf writes about the trained model
         if hasattr(model, attr):
             setattr(plain, attr, getattr(model, attr))
-    return plain
+    return plain.train(model.training)
 
 
 # ----------------------------------------------------------------------------------------- checkpoints

@@ -22,8 +22,8 @@ from timm.layers import register_notrace_module
 from .fbm import FBM
 from .fdw import FourierDisjointWeight
 from .ksm import GlobalAttention, KSMGlobal, KSMLocal
-from .ops import check_cutoffs, dynamic_conv, fft_dtype, region
-from .reference import infer_layer_shape, load_reference_layer
+from .ops import check_cutoffs, dynamic_conv, fft_dtype, region, synthesize
+from .weight_import import infer_layer_shape, load_reference_layer
 
 _Size2 = int | tuple[int, int]
 
@@ -170,6 +170,28 @@ class _FrequencyDynamicLayer(nn.Module):
             return att, None, None, att.channel
         # the local branch's factor att_multi * sigmoid(L)
         return att, self.ksm_local.taps(), self.ksm_local(pooled), att.channel * self.att_multi
+
+    def operator_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the operators take it: (B, Cin, H, W) maps, or (B, N, Cin) tokens for FDLinear."""
+        return self._tokens(x)
+
+    @torch.no_grad()
+    def per_sample_kernels(self, x: torch.Tensor) -> tuple[torch.Tensor, GlobalAttention]:
+        """What forward convolves each sample of ``x`` with, for analysis: the kernels (B, Cout*k, Cg*k) in
+        the weight-matrix layout with every attention applied (frequency, local, channel, spatial, filter), and
+        the KSM attention. Forward itself never keeps them (they are made inside the operator)."""
+        x = self._tokens(x)
+        att, taps, windows, channel = self.kernel_modulation(x)
+        fdw = self.fdw
+        kernels = synthesize(fdw.spectrum, fdw.indices(), fdw.operator_attention(att.kernel), taps, windows, channel,
+                             fdw.kernel_size, self.groups)
+        b, k = kernels.shape[0], fdw.kernel_size
+        view = kernels.view(b, fdw.out_channels, k, -1, k)
+        if att.spatial is not None:
+            view = view * att.spatial.view(b, 1, k, 1, k)
+        if att.filter is not None:
+            view = view * att.filter.view(b, -1, 1, 1, 1)
+        return view.reshape(kernels.shape), att
 
     def __prepare_scriptable__(self) -> nn.Module:
         """torch.jit.script calls this on every module first: one clear error instead of a failure deep inside."""

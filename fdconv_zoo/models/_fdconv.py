@@ -14,10 +14,9 @@ from safetensors import SafetensorError
 from timm.models import build_model_with_cfg, get_pretrained_cfg
 
 from ..errors import OptionError
-from ..layers import FDConv2d, FDLinear
+from ..layers import FDConv2d
 from ..layers.fdconv import check_options
-from ..layers.fdw import upgrade_spectrum
-from ..layers.reference import reference_to_native
+from ..layers.weight_import import translate_checkpoint
 
 FDCONV_PAPER = 'arXiv:2503.18783'
 
@@ -50,25 +49,7 @@ def pop_fdconv_options(kwargs: dict[str, Any]) -> dict[str, Any]:
 def fdconv_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Pretrained filter: dense layers of a timm checkpoint become FDConv weights (exact at step 0); native
     FDConv checkpoints pass through; reference-implementation layers (``dft_weight``) are translated."""
-    own = model.state_dict()
-    out = dict(state_dict)
-    for name, module in model.named_modules():
-        if not isinstance(module, (FDConv2d, FDLinear)):
-            continue
-        prefix = f'{name}.'
-        if f'{prefix}fdw.spectrum' in out:
-            upgrade_spectrum(out, f'{prefix}fdw.', module.fdw.scale)  # checkpoints before the orthonormal scale
-            continue
-        layer_sd = {k[len(prefix):]: out.pop(k) for k in list(out) if k.startswith(prefix)}
-        layer_own = {k[len(prefix):]: v for k, v in own.items() if k.startswith(prefix)}
-        if 'dft_weight' not in layer_sd and 'weight' not in layer_sd:
-            continue  # let load_state_dict report the missing keys
-        try:
-            native, _ = reference_to_native(module, layer_sd)  # missing modulation parts keep the model's init
-        except (KeyError, ValueError) as e:
-            raise type(e)(f"checkpoint layer '{name}': {e.args[0]}") from None
-        out.update({prefix + k: v for k, v in {**layer_own, **native}.items()})
-    return out
+    return translate_checkpoint(model, state_dict)[0]
 
 
 def chain_filters(*filters: Callable | None) -> Callable:

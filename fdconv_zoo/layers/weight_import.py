@@ -1,21 +1,29 @@
-"""Import of one layer of the authors' reference FDConv implementation (state-dict keys of FDCONV_SPEC section 8).
+"""Weight import, in one place: dense layers, the authors' reference layers (state-dict keys of FDCONV_SPEC
+section 8) and whole checkpoints of either into FDConv layers, and this package's own older checkpoints.
 
 The reference stores ``dft_weight`` = spectrum / (min(Cin, Cout) // 2), keeps a BatchNorm on the pooled vector
 (folded here into the trunk's linear layer, which is what it computes in eval mode), and one 3x3 conv per FBM
-band (stacked here into one conv). Parts missing from a checkpoint keep their identity init.
+band (stacked here into one conv). Parts missing from a checkpoint keep the layer's current values (its identity
+init). timm's pretrained filter (``fdconv_checkpoint_filter``) and ``load_reference_checkpoint`` both go through
+:func:`translate_checkpoint`.
 """
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn as nn
 
 from ..errors import CheckpointKeyError
-from .fdw import dense_spectrum
+from .fdw import dense_spectrum, upgrade_spectrum
 
 if TYPE_CHECKING:  # the layer builds itself from a reference state dict through this module
     from .fdconv import FDConv2d
+
+_logger = logging.getLogger('fdconv_zoo')
 
 _HEADS = ('channel_fc', 'filter_fc', 'spatial_fc', 'kernel_fc')
 BN_EPS = 1e-5
@@ -180,7 +188,114 @@ def load_reference_layer(
     if grouping is not None:
         layer.fdw.set_grouping(grouping_from_indices(grouping, *layer.fdw.group_of_bin.shape))
     if missing:
-        logging.getLogger('fdconv_zoo').warning(
+        _logger.warning(
             "reference layer %s has no %s weights; those parts start at their identity init",
             prefix.rstrip('.') or '(top level)', ', '.join(missing))
     return missing
+
+
+def fdconv_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The FDConv layers of ``model`` by name."""
+    from .fdconv import FDConv2d, FDLinear
+    return {name: m for name, m in model.named_modules() if isinstance(m, (FDConv2d, FDLinear))}
+
+
+def upgrade_native(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Spectra of this package's checkpoints saved before the orthonormal scale (no ``fdw.spectrum_scale``),
+    rescaled in place."""
+    for name, module in fdconv_modules(model).items():
+        prefix = f'{name}.' if name else ''
+        if f'{prefix}fdw.spectrum' in state_dict:
+            upgrade_spectrum(state_dict, f'{prefix}fdw.', module.fdw.scale)
+
+
+def translate_checkpoint(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]], list[str]]:
+    """``state_dict`` with every FDConv layer of ``model`` in this package's keys: native layers pass (spectra
+    saved before the orthonormal scale are upgraded), a dense ``weight`` or a reference layer is translated, and
+    modulation parts the checkpoint does not hold take the model's current values. Returns the state dict, the
+    missing parts (part -> layer names) and the FDConv layers the checkpoint holds no weight for (their keys are
+    left for load_state_dict to report)."""
+    own = model.state_dict()
+    out = dict(state_dict)
+    missing_parts: dict[str, list[str]] = {}
+    absent: list[str] = []
+    for name, module in fdconv_modules(model).items():
+        prefix = f'{name}.' if name else ''
+        if f'{prefix}fdw.spectrum' in out:
+            upgrade_spectrum(out, f'{prefix}fdw.', module.fdw.scale)
+            continue
+        if f'{prefix}dft_weight' not in out and f'{prefix}weight' not in out:
+            absent.append(name)
+            continue
+        layer_sd = {k[len(prefix):]: out.pop(k) for k in list(out) if k.startswith(prefix)}
+        try:
+            native, missing = reference_to_native(module, layer_sd)
+        except (KeyError, ValueError) as e:
+            raise type(e)(f"checkpoint layer '{name}': {e.args[0]}") from None
+        layer_own = {k[len(prefix):]: v for k, v in own.items() if k.startswith(prefix)}
+        out.update({prefix + k: v for k, v in {**layer_own, **native}.items()})
+        for part in missing:
+            missing_parts.setdefault(part, []).append(name)
+    return out, missing_parts, absent
+
+
+def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint as a flat state dict: ``.safetensors`` read directly, ``.pth`` with ``weights_only=True``;
+    the wrappers of training scripts ('state_dict', 'model', DataParallel's 'module.') removed."""
+    if isinstance(path_or_state_dict, Mapping):
+        sd = dict(path_or_state_dict)
+    else:
+        path = os.fspath(path_or_state_dict)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"reference checkpoint not found: {path}")
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location='cpu', weights_only=True)
+    for wrapper in ('state_dict', 'model'):
+        if wrapper in sd and isinstance(sd[wrapper], Mapping):
+            sd = dict(sd[wrapper])
+    if sd and all(k.startswith('module.') for k in sd):
+        sd = {k[len('module.'):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_reference_checkpoint(
+        model: nn.Module,
+        path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+        groupings: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Load a reference-implementation checkpoint (the authors' converted ResNet-50 or their COCO backbones)
+    into an FDConv model; ``.pth`` files load with ``weights_only=True``, ``.safetensors`` directly.
+
+    FDConv layers take the reference layer keys (BatchNorm folded; a plain ``weight`` is converted), other
+    modules load as usual. ``groupings`` maps a layer name to its reference ``official_indices``. KSM/FBM
+    parts absent from the checkpoint (the authors' converter writes none) stay at their identity init.
+    """
+    sd = read_state_dict(path_or_state_dict)
+    if any(k.startswith('backbone.') for k in sd) and not any(k.startswith('backbone.') for k in model.state_dict()):
+        sd = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
+    layers = fdconv_modules(model)
+    unknown = sorted(set(groupings or {}) - set(layers))
+    if unknown:
+        raise CheckpointKeyError(f"groupings given for layers that are not FDConv layers: {unknown}")
+    sd, missing_parts, absent = translate_checkpoint(model, sd)
+    if absent:
+        raise CheckpointKeyError(f"reference checkpoint has no weights ('dft_weight' or 'weight') for the FDConv "
+                                 f"layers {absent[:8]}" + (' ...' if len(absent) > 8 else ''))
+    check_keys_and_shapes(model.state_dict(), sd, f"the model ({type(model).__name__})")
+    result = model.load_state_dict(sd, strict=False)
+    for name, indices in (groupings or {}).items():
+        fdw = layers[name].fdw
+        fdw.set_grouping(grouping_from_indices(indices, *fdw.group_of_bin.shape))
+    fd_prefixes = tuple(f'{n}.' for n in layers)
+    missing = [k for k in result.missing_keys if not k.startswith(fd_prefixes)]
+    if missing:
+        _logger.warning("reference checkpoint has no values for %d model keys (left as initialised): %s",
+                        len(missing), ', '.join(missing[:8]) + (' ...' if len(missing) > 8 else ''))
+    if missing_parts:
+        summary = '; '.join(f"{part} in {len(names)} layers" for part, names in missing_parts.items())
+        _logger.warning("reference checkpoint has no %s weights; those parts start at their identity init", summary)
+    return model

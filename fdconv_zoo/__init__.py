@@ -2,10 +2,10 @@
 from .conversion import convert_to_fdconv, load_reference_checkpoint, reference_gate
 from .hub import save_for_hf
 from .layers import FDConv2d, FDLinear
-from .models import FDConvNeXt, FDResNet, FDSwinTransformer
+from .models import FDConvNeXt, FDResNet, FDSwinTransformer, register_fdconv
 
 __version__ = '0.1.0'
 __all__ = [
     'FDConv2d', 'FDConvNeXt', 'FDLinear', 'FDResNet', 'FDSwinTransformer', '__version__', 'convert_to_fdconv',
-    'load_reference_checkpoint', 'reference_gate', 'save_for_hf',
+    'load_reference_checkpoint', 'reference_gate', 'register_fdconv', 'save_for_hf',
 ]

@@ -26,6 +26,7 @@ from . import models as _models  # noqa: F401  registers the FDConv families
 from .atomic import atomic_dir
 from .errors import HubError
 from .layers.weight_import import check_keys_and_shapes, upgrade_native
+from .models import ensure_registered
 from .models._fdconv import FDCONV_PAPER, describe_origin, fdconv_checkpoint_filter
 
 ORG_ENV = 'FDCONV_ZOO_ORG'
@@ -87,6 +88,7 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise HubError(f"{path} is not valid JSON: {e}") from None
     arch = config.get('architecture')
+    ensure_registered(arch)  # any timm architecture's FDConv version (register_fdconv)
     if arch not in timm.list_models('*_fdconv'):
         raise HubError(f"{path}: architecture {arch!r} is not an fdconv_zoo architecture "
                        f"(one of {timm.list_models('*_fdconv')})")
@@ -200,6 +202,7 @@ def _dense_source(source: str, arch: str | None) -> tuple[dict[str, torch.Tensor
 
 
 def _check_arch(arch: str) -> None:
+    ensure_registered(arch)
     if arch not in timm.list_models('*_fdconv'):
         raise HubError(f"{arch!r} is not an fdconv_zoo architecture (one of {timm.list_models('*_fdconv')})")
 

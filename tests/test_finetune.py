@@ -270,3 +270,22 @@ def test_several_processes_launched_without_data_parallelism_stop_with_one_line(
     assert 1 <= said <= 2, proc.stderr[-3000:]
     assert 'data parallelism needs `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2' in proc.stderr
     assert not (tmp_path / 'run' / 'model').exists()
+
+
+@pytest.mark.parametrize('model', [
+    ['--model', 'vit_small_patch16_224_fdconv', '--model-kwargs', 'img_size=32', 'patch_size=8', 'embed_dim=48',
+     'depth=2', 'num_heads=2', 'num_freq_groups=8'],
+    ['--model', 'efficientnet_b0_fdconv', '--model-kwargs', 'num_freq_groups=8'],
+    ['--model', 'convnextv2_tiny_fdconv', '--model-kwargs', 'dims=[32,32,64,64]', 'depths=[1,1,1,1]',
+     'num_freq_groups=8'],
+    ['--model', 'regnety_016_fdconv', '--model-kwargs', 'num_freq_groups=8'],
+], ids=['vit', 'efficientnet', 'convnextv2', 'regnety'])
+def test_families_registered_with_register_fdconv_fine_tune_and_export(digits_dataset, tmp_path, model):
+    """A small member of each family that register_fdconv adds: two updates with the default recipe, and the
+    export reloads through timm's local-dir: as the same architecture with its FDConv layers."""
+    results = train(args_for(tmp_path, *model, '--dataset', digits_dataset, '--batch-size', '8', '--max-steps', '2'))
+    assert results['steps'] == 2 and all(np.isfinite(h['loss']) for h in results['train_loss'])
+    config = json.loads((tmp_path / 'run' / 'model' / 'config.json').read_text())
+    assert config['architecture'] == model[1]
+    reloaded = timm.create_model(f"local-dir:{tmp_path / 'run' / 'model'}", pretrained=True)
+    assert any(type(m).__name__ in ('FDConv2d', 'FDLinear') for m in reloaded.modules())

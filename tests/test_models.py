@@ -16,6 +16,13 @@ FAMILIES = [
     ('resnet50_fdconv.a1_in1k', 'resnet50', 160),
     ('convnext_tiny_fdconv.fb_in22k_ft_in1k', 'convnext_tiny', 128),
     ('swin_tiny_patch4_window7_224_fdconv.ms_in1k', 'swin_tiny_patch4_window7_224', 224),
+    # registered with register_fdconv: timm's default (first) tag of each family
+    ('vit_small_patch16_224_fdconv.augreg_in21k_ft_in1k', 'vit_small_patch16_224', 224),
+    ('deit3_small_patch16_224_fdconv.fb_in1k', 'deit3_small_patch16_224', 224),
+    ('efficientnet_b0_fdconv.ra_in1k', 'efficientnet_b0', 128),
+    ('tf_efficientnet_lite0_fdconv.in1k', 'tf_efficientnet_lite0', 128),
+    ('convnextv2_tiny_fdconv.fcmae_ft_in22k_in1k', 'convnextv2_tiny', 128),
+    ('regnety_016_fdconv.tv2_in1k', 'regnety_016', 128),
 ]
 
 
@@ -105,6 +112,7 @@ class ArchitectureTester:
     name: str
     size: int = 64
     kwargs: dict = {}
+    reductions: tuple[int, ...] = (4, 8, 16, 32)
 
     def model(self, **kwargs) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -125,12 +133,13 @@ class ArchitectureTester:
                     assert p.grad is not None and torch.isfinite(p.grad).all(), f'{name}.{pname}'
                 assert module.fdw.spectrum.grad.abs().sum() > 0, name
 
-    def test_features_only_strides_4_to_32(self):
+    def test_features_only_for_dense_heads(self):
+        """The last four feature maps, at the strides a segmentation or detection neck expects."""
         model = self.model(features_only=True, out_indices=(-4, -3, -2, -1)).eval()
-        assert model.feature_info.reduction() == [4, 8, 16, 32]
+        assert model.feature_info.reduction() == list(self.reductions)
         with torch.no_grad():
             feats = model(torch.randn(1, 3, self.size, self.size))
-        for f, c, r in zip(feats, model.feature_info.channels(), [4, 8, 16, 32], strict=True):
+        for f, c, r in zip(feats, model.feature_info.channels(), self.reductions, strict=True):
             assert c in f.shape and (f.shape[-1] * r == self.size or f.shape[-2] * r == self.size)
 
     def test_forward_intermediates_and_grad_checkpointing(self):
@@ -139,7 +148,7 @@ class ArchitectureTester:
         with torch.no_grad():
             final, inter = model.forward_intermediates(x, indices=4)
             assert len(inter) == 4
-            torch.testing.assert_close(model.forward_head(final), model(x))
+            torch.testing.assert_close(final, model.forward_features(x))
         model.set_grad_checkpointing(True)
         model.train()
         model(x).sum().backward()  # checkpointed FDConv blocks recompute their kernels
@@ -167,3 +176,25 @@ class TestSwin(ArchitectureTester):
     name = 'swin_tiny_patch4_window7_224_fdconv'
     size = 224
     kwargs = dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), num_freq_groups=8)
+
+
+class TestViT(ArchitectureTester):
+    name = 'vit_small_patch16_224_fdconv'
+    size = 224
+    kwargs = dict(embed_dim=48, depth=4, num_heads=2, num_freq_groups=8)
+    reductions = (16, 16, 16, 16)
+
+
+class TestEfficientNet(ArchitectureTester):
+    name = 'efficientnet_b0_fdconv'
+    kwargs = dict(num_freq_groups=8)
+
+
+class TestConvNeXtV2(ArchitectureTester):
+    name = 'convnextv2_tiny_fdconv'
+    kwargs = dict(dims=(24, 48, 96, 192), depths=(1, 1, 1, 1), num_freq_groups=8)
+
+
+class TestRegNetY(ArchitectureTester):
+    name = 'regnety_016_fdconv'
+    kwargs = dict(num_freq_groups=8)

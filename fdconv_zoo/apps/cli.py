@@ -12,6 +12,7 @@ import torch
 
 from .. import models as _models  # noqa: F401  registers the FDConv families with timm
 from ..errors import USER_ERRORS, report
+from ..models import create_model
 from ..models._fdconv import fdconv_checkpoint_filter
 from .benchmark import count_flops, count_params, liven_
 
@@ -157,7 +158,7 @@ def _load_model(spec: str, no_pretrained: bool) -> torch.nn.Module:
     if path.is_dir():
         return load_checkpoint(path / 'model' if (path / 'model' / 'config.json').is_file() else path)
     tagged = '.' in spec or spec.startswith('hf-hub:')
-    return timm.create_model(spec, pretrained=tagged and not no_pretrained)
+    return create_model(spec, pretrained=tagged and not no_pretrained)
 
 
 def export_cmd(args: argparse.Namespace) -> int:

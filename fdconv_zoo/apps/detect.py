@@ -23,6 +23,7 @@ from .. import models as _models  # noqa: F401  registers the FDConv families
 from ..atomic import atomic_dir, write_bytes, write_json
 from ..cards import task_card
 from ..hub import push_folder
+from ..models import create_model, ensure_registered
 from .data import open_split
 from .streaming import (
     add_streaming_arguments,
@@ -254,8 +255,8 @@ class TimmFPN(nn.Module):
         super().__init__()
         from torchvision.ops import FeaturePyramidNetwork
         from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-        self.body = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=(-4, -3, -2, -1),
-                                      **model_kwargs)
+        self.body = create_model(name, pretrained=pretrained, features_only=True, out_indices=(-4, -3, -2, -1),
+                                 **model_kwargs)
         self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), channels, extra_blocks=LastLevelMaxPool())
         self.out_channels = channels
 
@@ -270,6 +271,7 @@ def build_detector(config: dict[str, Any], pretrained: bool = False) -> nn.Modul
     from torchvision.models.detection import FasterRCNN, MaskRCNN
     if config['detector'] not in DETECTORS:
         raise ValueError(f"unknown --detector {config['detector']!r}: one of {list(DETECTORS)}")
+    ensure_registered(config['backbone'].split('.')[0])  # any timm architecture as <name>_fdconv
     if not timm.is_model(config['backbone'].split('.')[0]):
         raise ValueError(f"unknown backbone {config['backbone']!r}: not a timm or fdconv_zoo model")
     backbone = TimmFPN(config['backbone'], pretrained, config['model_kwargs'], config['fpn_channels'])

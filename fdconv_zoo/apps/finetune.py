@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn as nn
 from timm.data import Mixup, create_transform, resolve_data_config
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader
 from .. import models as _models  # noqa: F401  registers the FDConv families
 from ..atomic import atomic_dir, write_json
 from ..hub import write_hf_files
+from ..models import create_model
 from ..models._fdconv import describe_origin
 from .data import is_folder, load_folder, open_dataset, open_split, pick_split, validation_split
 from .streaming import (
@@ -170,7 +170,7 @@ def _collate(rows):
 
 # ---------------------------------------------------------------------------------------------------- model
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
-    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes,
+    model = create_model(args.model, pretrained=args.pretrained, num_classes=num_classes,
                               **parse_model_kwargs(args.model_kwargs))
     head = {id(p) for p in model.get_classifier().parameters()}
     select_trainable(nn.ModuleDict({name: m for name, m in model.named_children()
@@ -256,7 +256,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                'split': 'validation', 'train_loss': state.history}
     accelerator.wait_for_everyone()
     export = plain_copy(ema.module if ema is not None else accelerator.unwrap_model(model),
-                       lambda: timm.create_model(args.model, num_classes=len(names),
+                       lambda: create_model(args.model, num_classes=len(names),
                                                  **parse_model_kwargs(args.model_kwargs)))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

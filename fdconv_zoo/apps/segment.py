@@ -22,6 +22,7 @@ from .. import models as _models  # noqa: F401  registers the FDConv families
 from ..atomic import atomic_dir, write_bytes, write_json
 from ..cards import task_card
 from ..hub import push_folder
+from ..models import ensure_registered
 from .data import open_dataset, open_split, pick_split
 from .streaming import (
     add_streaming_arguments,
@@ -242,6 +243,7 @@ def build_segmenter(encoder: str, decoder: str, num_classes: int, pretrained: bo
     import segmentation_models_pytorch as smp
     if decoder not in DECODERS:
         raise ValueError(f"unknown --decoder {decoder!r}: one of {sorted(DECODERS)}")
+    ensure_registered(encoder.split('.')[0])  # any timm architecture as <name>_fdconv
     if not timm.is_model(encoder.split('.')[0]):
         raise ValueError(f"unknown encoder {encoder!r}: not a timm or fdconv_zoo model "
                          f"(e.g. {timm.list_models('*_fdconv')[:3]})")
@@ -264,6 +266,7 @@ def load_segmenter(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]
     meta_path = folder / META
     if not meta_path.is_file():
         raise ValueError(f"{folder} is not a segmentation model folder (no {META})")
+    ensure_registered(json.loads(meta_path.read_text()).get('encoder', '').split('.')[0])
     model = smp.from_pretrained(str(folder))
     return model.eval(), json.loads(meta_path.read_text())
 

@@ -53,11 +53,18 @@ def fdconv_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Modu
 
 
 def chain_filters(*filters: Callable | None) -> Callable:
-    """One pretrained_filter_fn that runs timm's own family filter first, then the FDConv one."""
+    """One pretrained_filter_fn that runs timm's own family filter first, then the FDConv one. timm's filters
+    take (state_dict, model) or, in older families (RegNet), the state dict alone."""
+    def takes_model(f: Callable) -> bool:
+        try:
+            return len(inspect.signature(f).parameters) >= 2
+        except (TypeError, ValueError):
+            return True
+
     def run(state_dict, model):
         for f in filters:
             if f is not None:
-                state_dict = f(state_dict, model)
+                state_dict = f(state_dict, model) if takes_model(f) else f(state_dict)
         return state_dict
     return run
 

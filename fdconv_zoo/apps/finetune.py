@@ -171,7 +171,7 @@ def _collate(rows):
 # ---------------------------------------------------------------------------------------------------- model
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     model = create_model(args.model, pretrained=args.pretrained, num_classes=num_classes,
-                              **parse_model_kwargs(args.model_kwargs))
+                         **parse_model_kwargs(args.model_kwargs))
     head = {id(p) for p in model.get_classifier().parameters()}
     select_trainable(nn.ModuleDict({name: m for name, m in model.named_children()
                                     if not any(id(p) in head for p in m.parameters())}), args)
@@ -257,7 +257,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     export = plain_copy(ema.module if ema is not None else accelerator.unwrap_model(model),
                        lambda: create_model(args.model, num_classes=len(names),
-                                                 **parse_model_kwargs(args.model_kwargs)))
+                                            **parse_model_kwargs(args.model_kwargs)))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         _export(export, out / 'model', names, data_config, results, args)

@@ -5,21 +5,25 @@ import json
 
 import onnxruntime as ort
 import pytest
-import timm
 import torch
 from test_ops import _modulated, rel_err
 
 from fdconv_zoo.apps.benchmark import liven_
 from fdconv_zoo.apps.cli import main as cli
 from fdconv_zoo.apps.export import export
+from fdconv_zoo.models import create_model
 
 NARROW = {'resnet18_fdconv': {'channels': [32, 32, 64, 64], 'stem_width': 32, 'layers': [1, 1, 1, 1]},
-          'convnext_tiny_fdconv': {'dims': [32, 32, 64, 64], 'depths': [1, 1, 1, 1]}}
+          'convnext_tiny_fdconv': {'dims': [32, 32, 64, 64], 'depths': [1, 1, 1, 1]},
+          # families added with register_fdconv (a small member of each that exports with a free input size)
+          'efficientnet_b0_fdconv': {},
+          'convnextv2_tiny_fdconv': {'dims': [32, 32, 64, 64], 'depths': [1, 1, 1, 1]},
+          'regnety_002_fdconv': {}}
 
 
 def narrow_modulated(name: str) -> torch.nn.Module:
     """A narrow model whose FDConv modulation is not the identity (as test_ops._modulated)."""
-    model = liven_(timm.create_model(name, num_classes=10, num_freq_groups=8, **NARROW[name]))  # live residuals
+    model = liven_(create_model(name, num_classes=10, num_freq_groups=8, **NARROW[name]))  # live residuals
     with torch.no_grad():  # the moves of test_ops._modulated: head and band biases, local taps
         gen = torch.Generator().manual_seed(2)
         for n, p in model.named_parameters():
@@ -31,7 +35,7 @@ def narrow_modulated(name: str) -> torch.nn.Module:
 @pytest.mark.parametrize('name', list(NARROW))
 @pytest.mark.parametrize('fmt', ['pt2', 'onnx'])
 def test_export_runs_any_batch_and_size_and_matches_eager(name, fmt, tmp_path):
-    """ResNet and ConvNeXt export with a free batch, height and width; the command checks batches 1, 3, 8 and
+    """Every CNN family exports with a free batch, height and width; the command checks batches 1, 3, 8 and
     another size itself, and the file then serves a batch and a size the check did not use."""
     model = narrow_modulated(name)
     out = tmp_path / f'model.{fmt}'

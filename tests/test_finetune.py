@@ -278,12 +278,19 @@ def test_several_processes_launched_without_data_parallelism_stop_with_one_line(
     ['--model', 'efficientnet_b0_fdconv', '--model-kwargs', 'num_freq_groups=8'],
     ['--model', 'convnextv2_tiny_fdconv', '--model-kwargs', 'dims=[32,32,64,64]', 'depths=[1,1,1,1]',
      'num_freq_groups=8'],
-    ['--model', 'regnety_016_fdconv', '--model-kwargs', 'num_freq_groups=8'],
+    ['--model', 'regnety_002_fdconv', '--model-kwargs', 'num_freq_groups=8'],  # registered from its name
 ], ids=['vit', 'efficientnet', 'convnextv2', 'regnety'])
-def test_families_registered_with_register_fdconv_fine_tune_and_export(digits_dataset, tmp_path, model):
+def test_families_registered_with_register_fdconv_fine_tune_and_export(tmp_path, model):
     """A small member of each family that register_fdconv adds: two updates with the default recipe, and the
     export reloads through timm's local-dir: as the same architecture with its FDConv layers."""
-    results = train(args_for(tmp_path, *model, '--dataset', digits_dataset, '--batch-size', '8', '--max-steps', '2'))
+    import datasets
+    images, labels = digits_images(40)
+    features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(num_classes=10)})
+    path = tmp_path / 'digits'
+    datasets.DatasetDict(train=datasets.Dataset.from_dict({'image': images[:24], 'label': labels[:24]}, features),
+                         validation=datasets.Dataset.from_dict({'image': images[24:], 'label': labels[24:]},
+                                                               features)).save_to_disk(str(path))
+    results = train(args_for(tmp_path, *model, '--dataset', str(path), '--batch-size', '8', '--max-steps', '2'))
     assert results['steps'] == 2 and all(np.isfinite(h['loss']) for h in results['train_loss'])
     config = json.loads((tmp_path / 'run' / 'model' / 'config.json').read_text())
     assert config['architecture'] == model[1]

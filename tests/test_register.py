@@ -116,7 +116,7 @@ def test_convert_takes_any_timm_tag(hub, tmp_path):
 
 @pytest.mark.parametrize('name,kwargs,size', [
     ('efficientnet_b0_fdconv', {}, 64),
-    ('regnety_016_fdconv', {}, 64),
+    ('regnety_002_fdconv', {}, 64),
     ('convnextv2_tiny_fdconv', {'dims': (24, 48, 96, 192), 'depths': (1, 1, 1, 1)}, 64),
 ], ids=['efficientnet', 'regnety', 'convnextv2'])
 def test_registered_families_as_segmentation_and_detection_backbones(name, kwargs, size):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import re
 
+import timm
+
 from fdconv_zoo.apps.cli import main as cli
 
 
@@ -21,7 +23,10 @@ def test_list_names_every_architecture_and_tag(capsys):
     out = capsys.readouterr().out
     assert re.search(r'resnet50_fdconv\s+29\.20M params', out)
     assert 'resnet50_fdconv.a1_in1k' in out and 'hf-hub:timm/resnet50.a1_in1k' in out
-    assert out.count('_fdconv ') == 11
+    assert out.count('_fdconv ') == len(timm.list_models('*_fdconv')) >= 27  # the families registered at import
+    for family in ('resnet:', 'vision_transformer:', 'deit:', 'efficientnet:', 'convnext:', 'regnet:'):
+        assert f'\n{family}\n' in f'\n{out}'
+    assert re.search(r'efficientnet_b0_fdconv\.ra_in1k\s+<- hf-hub:timm/efficientnet_b0\.ra_in1k', out)
 
 
 def test_bench_writes_measured_ratios(tmp_path, capsys):
@@ -38,7 +43,7 @@ def test_bench_writes_measured_ratios(tmp_path, capsys):
 
 
 def test_bench_refuses_a_dense_architecture(tmp_path, capsys):
-    """A dense name would be benchmarked against itself: one line naming it, exit code 1, nothing written."""
+    """A dense name would be benchmarked against itself: one line naming it, exit code 2, nothing written."""
     out = tmp_path / 'bench.json'
     assert cli(['bench', '--models', 'resnet18_fdconv', 'resnet50', '--out', str(out)]) == 2
     err = capsys.readouterr().err

@@ -54,13 +54,23 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def list_models(args: argparse.Namespace) -> int:
-    """Architectures with parameter counts, then every pretrained tag and the Hub repo it loads."""
+    """Architectures by timm family with parameter counts, then every pretrained tag and the Hub repo it loads."""
+    from timm.models import model_entrypoint
+    families: dict[str, list[str]] = {}
     for name in timm.list_models('*_fdconv'):
-        with torch.device('meta'):  # shapes only, nothing allocated
-            params = count_params(timm.create_model(name)) / 1e6
-        print(f"{name:42s} {params:7.2f}M params")
-        for tag in timm.list_pretrained(f'{name}.*'):
-            print(f"    {tag:52s} <- hf-hub:{timm.models.get_pretrained_cfg(tag).hf_hub_id}")
+        dense = name[:-len('_fdconv')]
+        family = model_entrypoint(dense).__module__.rpartition('.')[2] if timm.is_model(dense) else 'other'
+        families.setdefault(family, []).append(name)
+    for family, names in families.items():
+        print(f"{family}:")
+        for name in names:
+            with torch.device('meta'):  # shapes only, nothing allocated
+                params = count_params(timm.create_model(name)) / 1e6
+            print(f"  {name:42s} {params:7.2f}M params")
+            default = f"{name}.{timm.models.get_pretrained_cfg(name).tag}"
+            for tag in timm.list_pretrained(f'{name}.*'):
+                mark = ' (default)' if tag == default else ''
+                print(f"      {tag:52s} <- hf-hub:{timm.models.get_pretrained_cfg(tag).hf_hub_id}{mark}")
     return 0
 
 

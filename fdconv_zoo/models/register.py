@@ -16,6 +16,7 @@ import contextlib
 import functools
 import sys
 import threading
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,7 +47,6 @@ PLACEMENT_OPTIONS = {'fdconv_depthwise': False, 'fdconv_attention': False, 'fdco
 # ResNets), attention pooling and classifier heads
 _ALWAYS_DENSE = frozenset({'se', 'downsample', 'shortcut', 'attn_pool', 'head', 'fc_norm'})
 
-default_cfgs: dict[str, Any] = {}  # what timm's register_model reads for the tags of the names registered here
 _registry_lock = threading.Lock()
 _build_lock = threading.RLock()
 
@@ -98,6 +98,18 @@ def _patched(module: Any, name: str, value: Any) -> Iterator[None]:
         setattr(module, name, original)
 
 
+def _family_module(family: str) -> types.ModuleType:
+    """The module an FDConv entry point is registered from: named after the dense family's timm module (timm
+    groups models by it: ``list_models(module='efficientnet')``, and its own test suite selects tests so), holding
+    the ``default_cfgs`` that timm's register_model reads for the tags."""
+    name = f'{__name__}.{family}'
+    module = sys.modules.get(name)
+    if module is None:
+        module = sys.modules[name] = types.ModuleType(name, f"FDConv versions of timm's {family} models.")
+        module.default_cfgs = {}
+    return module
+
+
 def _entrypoint(fd_name: str, dense_name: str) -> Callable[..., nn.Module]:
     dense_fn = model_entrypoint(dense_name)
     family = sys.modules[dense_fn.__module__]
@@ -117,7 +129,7 @@ def _entrypoint(fd_name: str, dense_name: str) -> Callable[..., nn.Module]:
             return dense_fn(pretrained=pretrained, **kwargs)
 
     entry.__name__ = entry.__qualname__ = fd_name
-    entry.__module__ = __name__
+    entry.__module__ = _family_module(family.__name__.rpartition('.')[2]).__name__
     entry.__doc__ = (f"timm's {dense_name} with FDConv layers (placement: fdconv_zoo.models.register.placement); "
                      f"FDConv options and {sorted(PLACEMENT_OPTIONS)} are keyword arguments.")
     return entry
@@ -134,14 +146,15 @@ def register_fdconv(dense_name: str) -> str:
         if timm.is_model(fd_name):
             return fd_name
         entry = _entrypoint(fd_name, dense_name)
+        module = sys.modules[entry.__module__]
         tags = [name for name in _model_with_tags.get(dense_name, []) if get_pretrained_cfg(name).has_weights]
         cfgs = {fd_name + name[len(dense_name):]: dense_tag_cfg(name) for name in tags}
         if not cfgs:  # an architecture without weights in timm: its data config, nothing to load
             cfg = get_pretrained_cfg(dense_name).to_dict()
             cfgs = {fd_name: {k: v for k, v in cfg.items() if k not in ('url', 'hf_hub_id', 'file', 'architecture',
                                                                          'tag', 'state_dict', 'source')}}
-        default_cfgs.update(generate_default_cfgs(cfgs))
-        setattr(sys.modules[__name__], fd_name, register_model(entry))
+        module.default_cfgs.update(generate_default_cfgs(cfgs))
+        setattr(module, fd_name, register_model(entry))
     return fd_name
 
 

@@ -1,11 +1,12 @@
 /* Fused CPU loops for FDConv (float32, contiguous memory, OpenMP threads), the CPU kernels of the fdconv
- * operators (ops.py).
+ * operators (layers/ops/).
  *
  * Each function replaces several PyTorch operations that would each make a pass over B x |W| values: the
  * kernel synthesis and its adjoint run as two passes over cache-sized blocks with MKL's FFT inside
  * (synthesize, synthesis_gradient), the backward of the local modulation is one pass, and FBM's band
  * modulation is one loop per plane. Built and loaded by native.py, which validates every argument; the
- * PyTorch code in ops.py computes the same values and is used where this library is not available.
+ * operators' PyTorch code (synthesis.py, bands.py) computes the same values and runs where this library does
+ * not load.
  *
  * Every entry point returns a status (FDCONV_OK, or what went wrong) instead of aborting: no exception leaves
  * an OpenMP region, every allocation is checked, and group ids are checked against the number of groups
@@ -812,7 +813,7 @@ static void band_plane(const float *x, const float *scale, float *out, const Ban
 }
 
 /* FBM over x (B, C, H, W) with band scales A (B, J, H, W) into out (B, C, H, W); basis_h (H, ldh) and basis_w
- * (W, ldw) hold the orthonormal real Fourier bases (ops.py's fourier_basis), ranks (J) of each band; work:
+ * (W, ldw) hold the orthonormal real Fourier bases (bands.fourier_basis), ranks (J) of each band; work:
  * fdconv_workspace_floats(2, ...). */
 extern "C"
 int64_t fdconv_band_modulation(const float *x, const float *scale, float *out, const float *basis_h, int64_t ldh,

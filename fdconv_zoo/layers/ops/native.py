@@ -231,7 +231,7 @@ def synthesis_gradient(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adjoint of :func:`synthesize` without modulation, in two passes with MKL's FFT inside: grad (B, R, C) ->
     (gradient of the spectrum (H, R, 2), of the attention (B, n)); the bins of column c weighted by weight[c]
-    (see ops.py); columns and work are scratch."""
+    (see synthesis.spectrum_adjoint); columns and work are scratch."""
     if grad.ndim != 3 or attention.ndim != 2:
         raise ValueError(f"grad {tuple(grad.shape)} must be (B, R, C) and attention {tuple(attention.shape)} (B, n)")
     batch, rows, cols = grad.shape

@@ -301,13 +301,11 @@ def test_band_count_is_checked_on_both_paths_and_by_the_fakes(loops):
 def test_pytorch_implementation_transforms_whole_batches(monkeypatch):
     """The implementation CUDA runs: one 2-D inverse FFT per synthesis whatever the layer's size and batch (no
     CPU-cache slicing), and results owned by the caller."""
-    monkeypatch.setattr(ops.backend, '_enabled', True)  # restored after the test, whatever the switch did
-    ops.set_native_kernels(False)
     calls = []
     irfft2 = torch.fft.irfft2
     monkeypatch.setattr(torch.fft, 'irfft2', lambda *a, **k: calls.append(a[0].shape) or irfft2(*a, **k))
     layer = FDConv2d(256, 256, 3, padding=1, num_freq_groups=64)
-    with torch.no_grad():
+    with torch.no_grad(), native_kernels(False):
         first = layer.fdw(torch.ones(16, 64))
         second = layer.fdw(torch.full((16, 64), 0.5))
     assert calls == [(16, 768, 385)] * 2

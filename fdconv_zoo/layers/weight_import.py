@@ -218,12 +218,12 @@ def translate_checkpoint(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     left for load_state_dict to report)."""
     own = model.state_dict()
     out = dict(state_dict)
+    upgrade_native(model, out)
     missing_parts: dict[str, list[str]] = {}
     absent: list[str] = []
     for name, module in fdconv_modules(model).items():
         prefix = f'{name}.' if name else ''
-        if f'{prefix}fdw.spectrum' in out:
-            upgrade_spectrum(out, f'{prefix}fdw.', module.fdw.scale)
+        if f'{prefix}fdw.spectrum' in out:  # this package's own keys
             continue
         if f'{prefix}dft_weight' not in out and f'{prefix}weight' not in out:
             absent.append(name)

@@ -616,6 +616,7 @@ template <typename Index>
 static int64_t synthesize(const float *spectrum, const Index *group, const float *attention, float *columns,
                           float *matrix, const float *taps, const float *windows, const float *channel, float *work,
                           int64_t batch, int64_t rows, int64_t cols, int64_t num_groups, int64_t k, int64_t taps_k) {
+    std::shared_lock<std::shared_mutex> plans_stay(plans_in_use);  /* fdconv_release_fft waits */
     const int64_t half = cols / 2 + 1, per_thread = synthesis_work(batch, rows, cols);
     const float factor = 1.0f / static_cast<float>(rows * cols);
     int64_t width, height;
@@ -704,7 +705,6 @@ int64_t fdconv_synthesize_u8(const float *spectrum, const uint8_t *group, const 
                              float *matrix, const float *taps, const float *windows, const float *channel,
                              float *work, int64_t batch, int64_t rows, int64_t cols, int64_t num_groups, int64_t k,
                              int64_t taps_k) {
-    std::shared_lock<std::shared_mutex> plans_stay(plans_in_use);  /* fdconv_release_fft waits */
     return synthesize(spectrum, group, attention, columns, matrix, taps, windows, channel, work, batch, rows, cols,
                       num_groups, k, taps_k);
 }
@@ -714,7 +714,6 @@ int64_t fdconv_synthesize_i32(const float *spectrum, const int32_t *group, const
                               float *matrix, const float *taps, const float *windows, const float *channel,
                               float *work, int64_t batch, int64_t rows, int64_t cols, int64_t num_groups, int64_t k,
                               int64_t taps_k) {
-    std::shared_lock<std::shared_mutex> plans_stay(plans_in_use);  /* fdconv_release_fft waits */
     return synthesize(spectrum, group, attention, columns, matrix, taps, windows, channel, work, batch, rows, cols,
                       num_groups, k, taps_k);
 }
@@ -860,6 +859,7 @@ static int64_t synthesis_gradient(const float *grad, const float *spectrum, cons
                                   const float *attention, float *columns, float *grad_spectrum,
                                   float *grad_attention, float *work, int64_t batch, int64_t rows, int64_t cols,
                                   int64_t num_groups) {
+    std::shared_lock<std::shared_mutex> plans_stay(plans_in_use);  /* fdconv_release_fft waits */
     const int64_t half = cols / 2 + 1, total = batch * rows, per_thread = gradient_work(batch, rows, cols);
     int64_t width, height;
     gradient_blocks(batch, rows, cols, &height, &width);
@@ -918,7 +918,6 @@ int64_t fdconv_synthesis_gradient_u8(const float *grad, const float *spectrum, c
                                      const float *weight, const float *attention, float *columns,
                                      float *grad_spectrum, float *grad_attention, float *work, int64_t batch,
                                      int64_t rows, int64_t cols, int64_t num_groups) {
-    std::shared_lock<std::shared_mutex> plans_stay(plans_in_use);  /* fdconv_release_fft waits */
     return synthesis_gradient(grad, spectrum, group, weight, attention, columns, grad_spectrum, grad_attention,
                               work, batch, rows, cols, num_groups);
 }
@@ -928,7 +927,6 @@ int64_t fdconv_synthesis_gradient_i32(const float *grad, const float *spectrum, 
                                       const float *weight, const float *attention, float *columns,
                                       float *grad_spectrum, float *grad_attention, float *work, int64_t batch,
                                       int64_t rows, int64_t cols, int64_t num_groups) {
-    std::shared_lock<std::shared_mutex> plans_stay(plans_in_use);  /* fdconv_release_fft waits */
     return synthesis_gradient(grad, spectrum, group, weight, attention, columns, grad_spectrum, grad_attention,
                               work, batch, rows, cols, num_groups);
 }

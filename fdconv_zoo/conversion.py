@@ -7,7 +7,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .layers import FDConv2d, FDLinear
+from .layers import FDConv1d, FDConv2d, FDConv3d, FDLinear
 from .layers.weight_import import load_reference_checkpoint
 
 __all__ = ['convert_to_fdconv', 'load_reference_checkpoint', 'reference_gate', 'to_fdconv']
@@ -15,25 +15,32 @@ __all__ = ['convert_to_fdconv', 'load_reference_checkpoint', 'reference_gate', '
 Rule = Callable[[str, nn.Module], bool]
 
 
+# the FDConv counterpart of each dense layer type
+FDCONV_OF: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv1d: FDConv1d, nn.Conv2d: FDConv2d, nn.Conv3d: FDConv3d, nn.Linear: FDLinear}
+
+
 def reference_gate(name: str, module: nn.Module) -> bool:
-    """The paper's placement: convs with min(Cin, Cout) > 16 and k in {1, 3}, and the linears of MLP/FFN blocks."""
-    if isinstance(module, nn.Conv2d):
-        return (min(module.in_channels, module.out_channels) > 16 and module.kernel_size[0] == module.kernel_size[1]
-                and module.kernel_size[0] in (1, 3))
+    """The paper's placement: convs with min(Cin, Cout) > 16 and kernels 1 or 3 wide along each axis (1x1 and 3x3
+    in 2-D; in 3-D also R(2+1)D's (1, 3, 3) and (3, 1, 1)), and the linears of MLP/FFN blocks."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return (min(module.in_channels, module.out_channels) > 16
+                and all(k in (1, 3) for k in module.kernel_size))
     if isinstance(module, nn.Linear):
         parent = name.rpartition('.')[0]
         return parent.split('.')[-1] in ('mlp', 'ffn') and min(module.in_features, module.out_features) > 16
     return False
 
 
-def to_fdconv(module: nn.Module, **options: Any) -> FDConv2d | FDLinear:
-    """The FDConv counterpart of a dense nn.Conv2d or nn.Linear, exact at step 0."""
-    if isinstance(module, nn.Conv2d):
-        return FDConv2d.from_dense(module, **options)
-    if isinstance(module, nn.Linear):
-        linear_options = {k: v for k, v in options.items() if k not in ('fbm', 'fbm_cutoffs')}
-        return FDLinear.from_dense(module, **linear_options)
-    raise TypeError(f"cannot convert {type(module).__name__} to FDConv (only nn.Conv2d and nn.Linear)")
+def to_fdconv(module: nn.Module, **options: Any) -> nn.Module:
+    """The FDConv counterpart of a dense nn.Conv1d/2d/3d or nn.Linear, exact at step 0."""
+    layer_type = next((fd for dense, fd in FDCONV_OF.items() if isinstance(module, dense)), None)
+    if layer_type is None:
+        raise TypeError(f"cannot convert {type(module).__name__} to FDConv (only nn.Conv1d, nn.Conv2d, nn.Conv3d "
+                        "and nn.Linear)")
+    if layer_type is FDLinear:
+        options = {k: v for k, v in options.items() if k not in ('fbm', 'fbm_cutoffs')}
+    return layer_type.from_dense(module, **options)
 
 
 def convert_to_fdconv(model: nn.Module, rule: Rule | None = None, **options: Any) -> nn.Module:
@@ -41,7 +48,7 @@ def convert_to_fdconv(model: nn.Module, rule: Rule | None = None, **options: Any
     counterpart carrying the pretrained weights; returns ``model``, converted in place."""
     rule = rule or reference_gate
     targets = [(name, m) for name, m in model.named_modules()
-               if type(m) in (nn.Conv2d, nn.Linear) and rule(name, m)]
+               if type(m) in FDCONV_OF and rule(name, m)]
     for name, module in targets:
         parent_name, _, child = name.rpartition('.')
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -24,18 +24,18 @@ from fdconv_zoo.layers.ops.synthesis import local_logits
 
 
 def _layer_inputs(layer: FDConv2d, x: torch.Tensor) -> dict:
-    """The arguments an FDConv2d layer hands to fdconv::dynamic_conv, as leaves that require grad."""
-    pooled = x.mean((2, 3))
+    """The arguments an FDConv layer hands to fdconv::dynamic_conv, as leaves that require grad."""
+    pooled = x.mean(tuple(range(2, x.ndim)))
     att = layer.ksm_global(pooled)
     leaf = lambda t: None if t is None else t.detach().clone().requires_grad_()  # noqa: E731
-    stride, padding, pre_pad, dilation, mode = layer._conv_options()
+    kernel_size, stride, padding, pre_pad, dilation, mode = layer._conv_options()
     return dict(
         x=leaf(x), band_scale=leaf(layer.fbm.band_scale(x)) if layer.fbm is not None else None,
         spectrum=leaf(layer.fdw.spectrum), group_index=layer.fdw.indices(),
         attention=leaf(layer.fdw.operator_attention(att.kernel)),
         taps=leaf(layer.ksm_local.taps()), windows=leaf(layer.ksm_local(pooled)), channel=leaf(att.channel * 2),
         spatial=leaf(att.spatial), filter_attention=leaf(att.filter), bias=leaf(layer.bias),
-        kernel_size=layer.fdw.kernel_size, groups=layer.groups, stride=stride, padding=padding, dilation=dilation,
+        kernel_size=kernel_size, groups=layer.groups, stride=stride, padding=padding, dilation=dilation,
         pre_pad=pre_pad, padding_mode=mode, cutoffs=list(layer.fbm.cutoffs) if layer.fbm is not None else [])
 
 
@@ -73,7 +73,7 @@ def test_synthesize_and_band_modulation_gradients_match_autograd(loops):
     randomize_(layer, scale=0.3)
     kw = _layer_inputs(layer, torch.randn(2, 16, 7, 6))
     p = ops.synthesize(kw['spectrum'], kw['group_index'], kw['attention'], kw['taps'], kw['windows'],
-                       kw['channel'], 3, 1)
+                       kw['channel'], [3, 3], 1)
     grad = torch.randn_like(p)
     got = torch.autograd.grad(p, [kw[n] for n in ('spectrum', 'attention', 'taps', 'windows', 'channel')], grad)
     spec = torch.view_as_complex(kw['spectrum']).t() * kw['attention'][:, layer.fdw.group_of_bin]
@@ -155,7 +155,7 @@ def test_empty_batch_gives_empty_output_and_zero_gradients(make, loops):
     an empty output of the right shape, zero parameter gradients, an empty input gradient."""
     torch.manual_seed(0)
     layer = make()
-    dense = torch.nn.Conv2d(16, 24, 3 if layer.fdw.kernel_size == 3 else 1, stride=layer.stride,
+    dense = torch.nn.Conv2d(16, 24, layer.kernel_size, stride=layer.stride,
                             padding=layer.padding, padding_mode=layer.padding_mode, groups=layer.groups)
     x = torch.randn(0, 16, 9, 8, requires_grad=True)
     y = layer(x)

@@ -1,7 +1,7 @@
 """Math-only FDConv building blocks: FDW, KSM, FBM and the layers that compose them."""
 from . import ops
 from .fbm import FBM
-from .fdconv import FDConv2d, FDLinear
+from .fdconv import FDConv1d, FDConv2d, FDConv3d, FDLinear
 from .fdw import (
     FourierDisjointWeight,
     check_grouping,
@@ -20,7 +20,7 @@ from .ops import (
 )
 
 __all__ = [
-    'FBM', 'FDConv2d', 'FDLinear', 'FourierDisjointWeight', 'GlobalAttention', 'KSMGlobal', 'KSMLocal',
+    'FBM', 'FDConv1d', 'FDConv2d', 'FDConv3d', 'FDLinear', 'FourierDisjointWeight', 'GlobalAttention', 'KSMGlobal', 'KSMLocal',
     'check_grouping', 'dense_spectrum', 'fourier_basis', 'local_kernel_size', 'matrix_to_weight', 'native_kernels',
     'native_kernels_enabled', 'ops', 'radial_grouping', 'release_workspace', 'set_native_kernels', 'weight_to_matrix',
 ]

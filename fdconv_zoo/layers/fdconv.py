@@ -1,6 +1,7 @@
 """Frequency Dynamic Convolution, from "Frequency Dynamic Convolution for Dense Image Prediction" (CVPR 2025).
 
-``FDConv2d`` is a drop-in for ``nn.Conv2d`` and ``FDLinear`` for ``nn.Linear`` on token inputs (..., Cin).
+``FDConv2d`` is a drop-in for ``nn.Conv2d`` (``FDConv1d``, ``FDConv3d`` for ``nn.Conv1d``, ``nn.Conv3d``) and
+``FDLinear`` for ``nn.Linear`` on token inputs (..., Cin).
 Each sample gets its own kernel: FDW synthesises it from the spectrum and per-group attention, KSM scales it
 per channel, filter, kernel position and element; FBM (3x3 layers) re-weights the input's frequency bands.
 
@@ -23,9 +24,11 @@ from .fbm import FBM
 from .fdw import FourierDisjointWeight
 from .ksm import GlobalAttention, KSMGlobal, KSMLocal
 from .ops import check_cutoffs, dynamic_conv, fft_dtype, region, synthesize
+from .ops.synthesis import matrix_factors
 from .weight_import import infer_layer_shape, load_reference_layer
 
-_Size2 = int | tuple[int, int]
+_Size = int | tuple[int, ...]
+_AXES = {1: 'L', 2: 'H, W', 3: 'D, H, W'}
 
 
 def _is_int(value: Any) -> bool:
@@ -71,21 +74,23 @@ def check_options(**options: Any) -> None:
             raise ValueError(f"FDConv option {name}={value!r} is invalid: expected {allowed}")
 
 
-def _pair(value: _Size2, name: str, minimum: int = 1) -> tuple[int, int]:
-    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
-    if len(pair) != 2 or not all(_is_int(v) and v >= minimum for v in pair):
-        raise ValueError(f"{name} must be an integer >= {minimum} or a pair of them, got {value!r}")
-    return int(pair[0]), int(pair[1])
+def _per_axis(value: _Size, name: str, dims: int, minimum: int = 1) -> tuple[int, ...]:
+    """An int or a tuple of ``dims`` ints (nn.Conv's convention for sizes, strides, paddings, dilations)."""
+    values = (value,) * dims if not isinstance(value, (tuple, list)) else tuple(value)
+    if len(values) != dims or not all(_is_int(v) and v >= minimum for v in values):
+        raise ValueError(f"{name} must be an integer >= {minimum} or a tuple of {dims} of them, got {value!r}")
+    return tuple(int(v) for v in values)
 
 
 class _FrequencyDynamicLayer(nn.Module):
-    """What FDConv2d and FDLinear share: FDW spectrum, global and local KSM, bias, per-sample kernel synthesis."""
+    """What the FDConv layers and FDLinear share: FDW spectrum, global and local KSM, bias, per-sample kernel
+    synthesis."""
 
     def __init__(
             self,
             in_channels: int,
             out_channels: int,
-            kernel_size: int,
+            kernel_size: tuple[int, ...],
             groups: int,
             bias: bool,
             num_freq_groups: int,
@@ -136,25 +141,30 @@ class _FrequencyDynamicLayer(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def dense_weight(self) -> torch.Tensor:
-        """The static kernel (Cout, Cg, k, k) that the layer computes when all its attention is 1."""
+        """The static kernel (Cout, Cg, *kernel) that the layer computes when all its attention is 1."""
         return self.fdw.static_weight()
 
     @torch.no_grad()
     def load_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Take a dense layer's weight (as (Cout, Cg, k, k)) and bias; the layer then reproduces it exactly."""
+        """Take a dense layer's weight (as (Cout, Cg, *kernel)) and bias; the layer then reproduces it exactly."""
         self.fdw.set_weight(weight)
         if (bias is None) != (self.bias is None):
             raise ValueError(f"dense layer has bias={bias is not None}, FDConv layer has bias={self.bias is not None}")
         if bias is not None:
             self.bias.copy_(bias)
 
-    def _conv_options(self) -> tuple[list[int], list[int], list[int], list[int], str]:
-        """stride, symmetric padding, padding done before the convolution, dilation and padding mode."""
-        return [1, 1], [0, 0], [], [1, 1], 'zeros'
+    def _conv_options(self) -> tuple[list[int], list[int], list[int], list[int], list[int], str]:
+        """The operator's kernel axes ([] for tokens), stride, symmetric padding, padding done before the
+        convolution (F.pad's order), dilation and padding mode."""
+        return [], [], [], [], [], 'zeros'
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """The input as the operator takes it: (B, Cin, H, W) maps or (B, N, Cin) tokens."""
+        """The input as the operator takes it: (B, Cin, *spatial) maps or (B, N, Cin) tokens."""
         return x
+
+    def _pooled_dims(self, x: torch.Tensor) -> tuple[int, ...]:
+        """The axes KSM's statistics average over: every spatial axis (tokens: FDLinear overrides)."""
+        return tuple(range(2, x.ndim))
 
     def _check_input(self, x: torch.Tensor) -> None:
         raise NotImplementedError
@@ -163,8 +173,7 @@ class _FrequencyDynamicLayer(nn.Module):
                                                           torch.Tensor | None, torch.Tensor]:
         """KSM of an input as the operator takes it (``_tokens``): the global attention, the local branch's taps
         and windows (None without it) and the channel factor the synthesis applies."""
-        dims = (1,) if x.ndim == 3 else (2, 3)
-        pooled = x.to(fft_dtype(x.dtype)).mean(dims).to(self.ksm_global.fc.weight.dtype)  # statistics (B, Cin)
+        pooled = x.to(fft_dtype(x.dtype)).mean(self._pooled_dims(x)).to(self.ksm_global.fc.weight.dtype)  # (B, Cin)
         att = self.ksm_global(pooled)
         if self.ksm_local is None:
             return att, None, None, att.channel
@@ -172,23 +181,23 @@ class _FrequencyDynamicLayer(nn.Module):
         return att, self.ksm_local.taps(), self.ksm_local(pooled), att.channel * self.att_multi
 
     def operator_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The input as the operators take it: (B, Cin, H, W) maps, or (B, N, Cin) tokens for FDLinear."""
+        """The input as the operators take it: (B, Cin, *spatial) maps, or (B, N, Cin) tokens for FDLinear."""
         return self._tokens(x)
 
     @torch.no_grad()
     def per_sample_kernels(self, x: torch.Tensor) -> tuple[torch.Tensor, GlobalAttention]:
-        """What forward convolves each sample of ``x`` with, for analysis: the kernels (B, Cout*k, Cg*k) in
+        """What forward convolves each sample of ``x`` with, for analysis: the kernels (B, Cout*kr, Cg*kc) in
         the weight-matrix layout with every attention applied (frequency, local, channel, spatial, filter), and
         the KSM attention. Forward itself never keeps them (they are made inside the operator)."""
         x = self._tokens(x)
         att, taps, windows, channel = self.kernel_modulation(x)
         fdw = self.fdw
         kernels = synthesize(fdw.spectrum, fdw.indices(), fdw.operator_attention(att.kernel), taps, windows, channel,
-                             fdw.kernel_size, self.groups)
-        b, k = kernels.shape[0], fdw.kernel_size
-        view = kernels.view(b, fdw.out_channels, k, -1, k)
+                             list(fdw.kernel_size), self.groups)
+        b, (kr, kc) = kernels.shape[0], matrix_factors(fdw.kernel_size)
+        view = kernels.view(b, fdw.out_channels, kr, -1, kc)
         if att.spatial is not None:
-            view = view * att.spatial.view(b, 1, k, 1, k)
+            view = view * att.spatial.view(b, 1, kr, 1, kc)
         if att.filter is not None:
             view = view * att.filter.view(b, -1, 1, 1, 1)
         return view.reshape(kernels.shape), att
@@ -207,16 +216,15 @@ class _FrequencyDynamicLayer(nn.Module):
             att, taps, windows, channel = self.kernel_modulation(x)
         with region('fdconv.fbm'):
             band_scale = self.fbm.band_scale(x) if self.fbm is not None else None
-        stride, padding, pre_pad, dilation, mode = self._conv_options()
+        kernel, stride, padding, pre_pad, dilation, mode = self._conv_options()
         return dynamic_conv(
             x, band_scale, self.fdw.spectrum, self.fdw.indices(), self.fdw.operator_attention(att.kernel), taps,
-            windows, channel, att.spatial, att.filter, self.bias, self.fdw.kernel_size, self.groups, stride, padding,
-            dilation, pre_pad, mode, list(self.fbm.cutoffs) if self.fbm is not None else [])
+            windows, channel, att.spatial, att.filter, self.bias, kernel, self.groups, stride, padding, dilation,
+            pre_pad, mode, list(self.fbm.cutoffs) if self.fbm is not None else [])
 
 
-@register_notrace_module
-class FDConv2d(_FrequencyDynamicLayer):
-    """Frequency Dynamic Convolution; constructor is nn.Conv2d's plus the FDConv options (keyword-only).
+class _FDConvNd(_FrequencyDynamicLayer):
+    """FDConv over ``dims`` spatial axes; constructor is nn.ConvNd's plus the FDConv options (keyword-only).
 
     Args (FDConv options):
         num_freq_groups: n, the number of radial frequency groups of the spectrum (paper: 64).
@@ -224,18 +232,22 @@ class FDConv2d(_FrequencyDynamicLayer):
         temperature, kernel_temperature: softness of the KSM heads and of the frequency-group attention.
         reduction, min_hidden: KSM global hidden width max(int(Cin * reduction), min_hidden).
         ksm_local: use the per-element local KSM branch.
-        fbm: frequency band modulation of the input; None means on for 3x3 kernels (the paper's placement).
+        fbm: frequency band modulation of the input; None means on for kernels 3 wide along every axis (the
+            paper's 3x3 placement).
         fbm_cutoffs: low-pass cut-offs kappa of the FBM bands.
     """
+
+    dims: int
+    dense_type: type[nn.Module]
 
     def __init__(
             self,
             in_channels: int,
             out_channels: int,
-            kernel_size: _Size2,
-            stride: _Size2 = 1,
-            padding: _Size2 | str = 0,
-            dilation: _Size2 = 1,
+            kernel_size: _Size,
+            stride: _Size = 1,
+            padding: _Size | str = 0,
+            dilation: _Size = 1,
             groups: int = 1,
             bias: bool = True,
             padding_mode: str = 'zeros',
@@ -253,40 +265,109 @@ class FDConv2d(_FrequencyDynamicLayer):
             fbm_cutoffs: tuple[int, ...] = (2, 4, 8),
     ):
         check_options(fbm=fbm, fbm_cutoffs=fbm_cutoffs)
-        kh, kw = _pair(kernel_size, 'kernel_size')
-        if kh != kw:
-            raise ValueError(f"FDConv2d needs a square kernel, got kernel_size={kernel_size!r}")
+        kernel = _per_axis(kernel_size, 'kernel_size', self.dims)
         if padding_mode not in ('zeros', 'reflect', 'replicate', 'circular'):
             raise ValueError(f"padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular', "
                              f"got {padding_mode!r}")
         if isinstance(padding, str):
             if padding not in ('same', 'valid'):
-                raise ValueError(f"padding must be 'same', 'valid', an int or a pair, got {padding!r}")
+                raise ValueError(f"padding must be 'same', 'valid', an int or a tuple, got {padding!r}")
             if padding_mode != 'zeros':
                 raise ValueError(f"string padding {padding!r} needs padding_mode='zeros'")
         super().__init__(
-            in_channels, out_channels, kh, groups, bias, num_freq_groups, att_multi, temperature,
+            in_channels, out_channels, kernel, groups, bias, num_freq_groups, att_multi, temperature,
             kernel_temperature, reduction, min_hidden, ksm_local, device=device, dtype=dtype)
-        self.kernel_size = (kh, kh)
-        self.stride = _pair(stride, 'stride')
-        self.padding = padding if isinstance(padding, str) else _pair(padding, 'padding', minimum=0)
-        self.dilation = _pair(dilation, 'dilation')
+        self.kernel_size = kernel
+        self.stride = _per_axis(stride, 'stride', self.dims)
+        self.padding = padding if isinstance(padding, str) else _per_axis(padding, 'padding', self.dims, minimum=0)
+        self.dilation = _per_axis(dilation, 'dilation', self.dims)
+        if isinstance(padding, str) and padding == 'same' and any(s != 1 for s in self.stride):
+            raise ValueError("padding='same' is not supported for strided convolutions")
         self.padding_mode = padding_mode
-        use_fbm = kh == 3 if fbm is None else fbm
-        self.fbm = FBM(in_channels, tuple(fbm_cutoffs), device=device, dtype=dtype) if use_fbm else None
+        use_fbm = all(k == 3 for k in kernel) if fbm is None else fbm
+        self.fbm = FBM(in_channels, tuple(fbm_cutoffs), device=device, dtype=dtype, dims=self.dims) if use_fbm else None
         self.reset_parameters()
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, **options: Any) -> FDConv2d:
-        """An FDConv2d that reproduces ``conv`` exactly at step 0 (same device and dtype)."""
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"FDConv2d.from_dense needs an nn.Conv2d, got {type(conv).__name__}")
+    def from_dense(cls, conv: nn.Module, **options: Any) -> _FDConvNd:
+        """The FDConv layer that reproduces the dense ``conv`` exactly at step 0 (same device and dtype)."""
+        if not isinstance(conv, cls.dense_type):
+            raise TypeError(f"{cls.__name__}.from_dense needs an {cls.dense_type.__module__.split('.')[0]}.nn."
+                            f"{cls.dense_type.__name__}, got {type(conv).__name__}")
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
             dtype=conv.weight.dtype, **options)
         layer.load_dense(conv.weight, conv.bias)
         return layer
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}")
+        if any(d != 1 for d in self.dilation):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != 'zeros':
+            s += f", padding_mode={self.padding_mode!r}"
+        return s + f", num_freq_groups={self.num_freq_groups}"
+
+    def _explicit_padding(self) -> tuple[tuple[int, ...], list[int]]:
+        """(symmetric padding for the convolution, or 0; a pad done before it, in F.pad's order: the last axis
+        first, before and after)."""
+        zeros = (0,) * self.dims
+        if self.padding == 'valid':
+            return zeros, []
+        if self.padding == 'same':
+            pads = []
+            for d, k in zip(self.dilation, self.kernel_size, strict=True):
+                total = d * (k - 1)
+                pads.append((total // 2, total - total // 2))
+            if all(before == after for before, after in pads):
+                return tuple(before for before, _ in pads), []
+            return zeros, [p for pad in reversed(pads) for p in pad]
+        if self.padding_mode != 'zeros':
+            return zeros, [p for pad in reversed(self.padding) for p in (pad, pad)]
+        return self.padding, []
+
+    def _conv_options(self) -> tuple[list[int], list[int], list[int], list[int], list[int], str]:
+        padding, pre_pad = self._explicit_padding()
+        return (list(self.kernel_size), list(self.stride), list(padding), pre_pad, list(self.dilation),
+                self.padding_mode)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != self.dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__} expects input (B, {self.in_channels}, {_AXES[self.dims]}), got "
+                             f"{tuple(x.shape)}")
+
+
+@register_notrace_module
+class FDConv1d(_FDConvNd):
+    """Frequency Dynamic Convolution for sequences (B, Cin, L): nn.Conv1d's constructor plus the FDConv options
+    (see FDConv2d). Its weight matrix is that of the 2-D kernel (k, 1), as the authors lay out time series."""
+
+    dims = 1
+    dense_type = nn.Conv1d
+
+
+@register_notrace_module
+class FDConv2d(_FDConvNd):
+    """Frequency Dynamic Convolution; constructor is nn.Conv2d's plus the FDConv options (keyword-only).
+
+    Args (FDConv options):
+        num_freq_groups: n, the number of radial frequency groups of the spectrum (paper: 64).
+        att_multi: range of the sigmoid attention, att_multi * sigmoid(z); 2 makes z = 0 the identity.
+        temperature, kernel_temperature: softness of the KSM heads and of the frequency-group attention.
+        reduction, min_hidden: KSM global hidden width max(int(Cin * reduction), min_hidden).
+        ksm_local: use the per-element local KSM branch.
+        fbm: frequency band modulation of the input; None means on for 3x3 kernels (the paper's placement).
+        fbm_cutoffs: low-pass cut-offs kappa of the FBM bands.
+    """
+
+    dims = 2
+    dense_type = nn.Conv2d
 
     @classmethod
     def from_reference(
@@ -311,50 +392,22 @@ class FDConv2d(_FrequencyDynamicLayer):
         load_reference_layer(layer, state_dict, grouping)
         return layer
 
-    def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-             f"padding={self.padding}")
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.padding_mode != 'zeros':
-            s += f", padding_mode={self.padding_mode!r}"
-        return s + f", num_freq_groups={self.num_freq_groups}"
 
-    def _explicit_padding(self) -> tuple[tuple[int, int], tuple[int, int, int, int] | None]:
-        """(symmetric padding for the convolution, or 0; a (left, right, top, bottom) pad done before it)."""
-        if self.padding == 'valid':
-            return (0, 0), None
-        if self.padding == 'same':
-            pads = []
-            for d, k in zip(self.dilation, self.kernel_size, strict=True):
-                total = d * (k - 1)
-                pads.append((total // 2, total - total // 2))
-            (top, bottom), (left, right) = pads
-            if top == bottom and left == right:
-                return (top, left), None
-            return (0, 0), (left, right, top, bottom)
-        ph, pw = self.padding
-        if self.padding_mode != 'zeros':
-            return (0, 0), (pw, pw, ph, ph)
-        return (ph, pw), None
+@register_notrace_module
+class FDConv3d(_FDConvNd):
+    """Frequency Dynamic Convolution for volumes and video (B, Cin, D, H, W): nn.Conv3d's constructor plus the
+    FDConv options (see FDConv2d). Its weight matrix puts the depth and height axes with the output channel and
+    the width axis with the input channel, so a (1, k, k) kernel has the 2-D k x k kernel's spectrum."""
 
-    def _conv_options(self) -> tuple[list[int], list[int], list[int], list[int], str]:
-        padding, pre_pad = self._explicit_padding()
-        return list(self.stride), list(padding), list(pre_pad or []), list(self.dilation), self.padding_mode
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"FDConv2d expects input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+    dims = 3
+    dense_type = nn.Conv3d
 
 
 @register_notrace_module
 class FDLinear(_FrequencyDynamicLayer):
     """Frequency Dynamic linear layer for tokens (B, ..., Cin); the KSM statistics pool over all tokens of a
-    sample. A linear weight (Cout, Cin) is the k = 1 case of FDConv2d; options as for FDConv2d, without FBM."""
+    sample. A linear weight (Cout, Cin) is the 1x1 case of FDConv2d (its FDW keeps that shape); options as for
+    FDConv2d, without FBM."""
 
     fbm = None
 
@@ -375,7 +428,7 @@ class FDLinear(_FrequencyDynamicLayer):
             ksm_local: bool = True,
     ):
         super().__init__(
-            in_features, out_features, 1, 1, bias, num_freq_groups, att_multi, temperature, kernel_temperature,
+            in_features, out_features, (1, 1), 1, bias, num_freq_groups, att_multi, temperature, kernel_temperature,
             reduction, min_hidden, ksm_local, device=device, dtype=dtype)
         self.reset_parameters()
 
@@ -400,6 +453,9 @@ class FDLinear(_FrequencyDynamicLayer):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, num_freq_groups={self.num_freq_groups}")
+
+    def _pooled_dims(self, x: torch.Tensor) -> tuple[int, ...]:
+        return (1,)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim < 2 or x.shape[-1] != self.in_channels:

@@ -1,7 +1,8 @@
 """Fourier Disjoint Weight (FDW), from "Frequency Dynamic Convolution for Dense Image Prediction" (CVPR 2025).
 
-The learnable parameter is the 2-D real FFT of the dense kernel seen as a (Cout*k, Cg*k) matrix, scaled to be
-orthonormal (divided by sqrt(Cout*k * Cg*k)). Its bins are split into ``n`` groups by radial frequency; a
+The learnable parameter is the 2-D real FFT of the dense kernel seen as a (Cout*kr, Cg*kc) matrix, scaled to be
+orthonormal (divided by sqrt(Cout*kr * Cg*kc)); a k x k kernel is a (Cout*k, Cg*k) matrix, and kernels of 1 or 3
+axes split as ``ops.synthesis.matrix_factors`` says (the last axis with the input channel). Its bins are split into ``n`` groups by radial frequency; a
 per-sample attention value per group scales each group, and the inverse FFT gives the per-sample kernel. With
 every attention value equal to 1 the kernel is the dense one.
 
@@ -12,31 +13,38 @@ Adam, so the kernel hardly trains; orthonormal, the spectrum trains like the den
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from .ops import fft_dtype, synthesize
+from .ops.synthesis import kernel_shape, matrix_factors
 
 
-def weight_to_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """(..., Cout, Cg, k, k) -> (..., Cout*k, Cg*k): row o*k+u, column i*k+v (the paper's weight-matrix view)."""
-    *lead, cout, cg, k, _ = weight.shape
-    return weight.transpose(-3, -2).reshape(*lead, cout * k, cg * k)
+def weight_to_matrix(weight: torch.Tensor, dims: int = 2) -> torch.Tensor:
+    """(..., Cout, Cg, *kernel) -> (..., Cout*kr, Cg*kc), the paper's weight-matrix view, for a kernel of ``dims``
+    axes: for k x k, row o*k+u and column i*k+v; in general the last axis joins the columns
+    (``ops.synthesis.matrix_factors``)."""
+    *lead, cout, cg = weight.shape[:-dims]
+    kr, kc = matrix_factors(weight.shape[-dims:])
+    return weight.reshape(*lead, cout, cg, kr, kc).transpose(-3, -2).reshape(*lead, cout * kr, cg * kc)
 
 
-def matrix_to_weight(matrix: torch.Tensor, out_channels: int, kernel_size: int) -> torch.Tensor:
-    """Inverse of :func:`weight_to_matrix`; returns a (non-contiguous) view (..., Cout, Cg, k, k)."""
+def matrix_to_weight(matrix: torch.Tensor, out_channels: int, kernel_size: int | Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`weight_to_matrix`; returns a (non-contiguous) view (..., Cout, Cg, *kernel)."""
     *lead, rows, cols = matrix.shape
-    k = kernel_size
-    return matrix.view(*lead, out_channels, k, cols // k, k).transpose(-3, -2)
+    shape = kernel_shape(kernel_size)
+    kr, kc = matrix_factors(shape)
+    return matrix.view(*lead, out_channels, kr, cols // kc, kc).transpose(-3, -2).reshape(
+        *lead, out_channels, cols // kc, *shape)
 
 
-def dense_spectrum(weight: torch.Tensor) -> torch.Tensor:
-    """Dense (Cout, Cg, k, k) weight -> its half spectrum, column-major as FDW stores it: (C, R, 2) real/imag
-    pairs with entry [c, r] = rfft2(M)[r, c]. Computed in float64 so that the layer reproduces the dense one
-    exactly."""
-    return torch.view_as_real(torch.fft.rfft2(weight_to_matrix(weight.double())).t().contiguous())
+def dense_spectrum(weight: torch.Tensor, dims: int = 2) -> torch.Tensor:
+    """Dense (Cout, Cg, *kernel) weight with ``dims`` kernel axes -> its half spectrum, column-major as FDW stores
+    it: (C, R, 2) real/imag pairs with entry [c, r] = rfft2(M)[r, c]. Computed in float64 so that the layer
+    reproduces the dense one exactly."""
+    return torch.view_as_real(torch.fft.rfft2(weight_to_matrix(weight.double(), dims)).t().contiguous())
 
 
 def radial_grouping(rows: int, cols: int, num_groups: int, device: torch.device | None = None) -> torch.Tensor:
@@ -105,7 +113,7 @@ class FourierDisjointWeight(nn.Module):
             self,
             out_channels: int,
             in_channels_per_group: int,
-            kernel_size: int,
+            kernel_size: int | Sequence[int],
             num_groups: int = 64,
             device=None,
             dtype=None,
@@ -114,10 +122,11 @@ class FourierDisjointWeight(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         self.out_channels = out_channels
         self.in_channels_per_group = in_channels_per_group
-        self.kernel_size = kernel_size
+        self.kernel_size = kernel_shape(kernel_size)  # spatial shape, e.g. (3, 3) or (3, 3, 3)
         self.num_groups = num_groups
-        self.rows = out_channels * kernel_size
-        self.cols = in_channels_per_group * kernel_size
+        kr, kc = matrix_factors(self.kernel_size)
+        self.rows = out_channels * kr
+        self.cols = in_channels_per_group * kc
         self.scale = math.sqrt(self.rows * self.cols)
         self.spectrum = nn.Parameter(torch.empty(self.cols // 2 + 1, self.rows, 2, **dd))
         self.register_buffer('spectrum_scale', torch.tensor(self.scale, **dd), persistent=True)
@@ -127,16 +136,16 @@ class FourierDisjointWeight(nn.Module):
         self._refresh_group_index(checked=True)  # radial_grouping covers every group by construction
 
     @property
-    def weight_shape(self) -> tuple[int, int, int, int]:
-        k = self.kernel_size
-        return self.out_channels, self.in_channels_per_group, k, k
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.out_channels, self.in_channels_per_group, *self.kernel_size
 
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor) -> None:
-        """Set the spectrum from a dense (Cout, Cg, k, k) weight; the FFT runs in float64 so it is exact."""
+        """Set the spectrum from a dense (Cout, Cg, *kernel) weight; the FFT runs in float64 so it is exact."""
         if tuple(weight.shape) != self.weight_shape:
             raise ValueError(f"dense weight has shape {tuple(weight.shape)}, expected {self.weight_shape}")
-        self.spectrum.copy_((dense_spectrum(weight) / self.scale).to(self.spectrum.dtype))
+        spectrum = dense_spectrum(weight, len(self.kernel_size)) / self.scale
+        self.spectrum.copy_(spectrum.to(self.spectrum.dtype))
 
     @torch.no_grad()
     def set_grouping(self, group_of_bin: torch.Tensor) -> None:
@@ -204,10 +213,10 @@ class FourierDisjointWeight(nn.Module):
         return matrix_to_weight(matrix, self.out_channels, self.kernel_size).contiguous()
 
     def forward(self, kernel_attention: torch.Tensor) -> torch.Tensor:
-        """(B, n) attention per group -> per-sample weight matrices (B, Cout*k, Cg*k), at least float32."""
+        """(B, n) attention per group -> per-sample weight matrices (B, Cout*kr, Cg*kc), at least float32."""
         ones = kernel_attention.new_ones(kernel_attention.shape[0], self.in_channels_per_group)
         return synthesize(self.spectrum, self.indices(), self.operator_attention(kernel_attention), None, None, ones,
-                          self.kernel_size, 1)
+                          list(self.kernel_size), 1)
 
     def operator_attention(self, kernel_attention: torch.Tensor) -> torch.Tensor:
         """The attention as the operators take it (they read ``spectrum`` as the unnormalised FFT)."""

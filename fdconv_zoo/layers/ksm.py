@@ -7,12 +7,15 @@ head starts at the identity (all factors 1), so a layer converted from a dense o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.metaformer import StarReLU
+
+from .ops.synthesis import kernel_shape
 
 
 def _identity_logit(att_multi: float, temperature: float) -> float:
@@ -28,7 +31,7 @@ def local_kernel_size(in_channels: int) -> int:
 class GlobalAttention(NamedTuple):
     channel: torch.Tensor  # (B, Cin)
     filter: torch.Tensor | None  # (B, Cout), None for depthwise layers
-    spatial: torch.Tensor | None  # (B, k*k), None for k = 1
+    spatial: torch.Tensor | None  # (B, k*k), or one per kernel position; None for a single position
     kernel: torch.Tensor  # (B, n): the scale 2*sigmoid(z) of each frequency group
 
 
@@ -39,7 +42,7 @@ class KSMGlobal(nn.Module):
             self,
             in_channels: int,
             out_channels: int,
-            kernel_size: int,
+            kernel_size: int | Sequence[int],
             num_groups: int,
             reduction: float = 0.0625,
             min_hidden: int = 16,
@@ -60,7 +63,8 @@ class KSMGlobal(nn.Module):
         self.act = StarReLU(**dd)
         self.channel_fc = nn.Linear(hidden, in_channels, **dd)
         self.filter_fc = nn.Linear(hidden, out_channels, **dd) if filter_attention else None
-        self.spatial_fc = nn.Linear(hidden, kernel_size * kernel_size, **dd) if kernel_size > 1 else None
+        positions = math.prod(kernel_shape(kernel_size))
+        self.spatial_fc = nn.Linear(hidden, positions, **dd) if positions > 1 else None
         self.kernel_fc = nn.Linear(hidden, num_groups, **dd)
         self.register_buffer('head_temperature', torch.empty(0, **dd), persistent=False)
         self.register_buffer('head_scale', torch.empty(0, **dd), persistent=False)
@@ -108,10 +112,12 @@ class KSMGlobal(nn.Module):
 
 
 class KSMLocal(nn.Module):
-    """Local KSM: LayerNorm of the pooled vector, then a 1-D conv along the channel axis with Cout*k*k outputs.
+    """Local KSM: LayerNorm of the pooled vector, then a 1-D conv along the channel axis with Cout*k*k outputs
+    (Cout times the kernel's positions).
 
     Output channel o*k*k + u*k + v at position c is the logit of weight element [o, i, u, v] for the input
-    channel c it reads (c = i for groups = 1, else (o // (Cout/g))*Cg + i). The conv runs inside the kernel
+    channel c it reads (c = i for groups = 1, else (o // (Cout/g))*Cg + i); kernels of 1 or 3 axes number their
+    positions row-major too. The conv runs inside the kernel
     synthesis (``ops.synthesize``), which makes only those logits, on the fly: this module gives its input
     windows and its taps.
     """
@@ -120,7 +126,7 @@ class KSMLocal(nn.Module):
             self,
             in_channels: int,
             out_channels: int,
-            kernel_size: int,
+            kernel_size: int | Sequence[int],
             device=None,
             dtype=None,
     ):
@@ -128,10 +134,10 @@ class KSMLocal(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = kernel_size
+        self.kernel_size = kernel_shape(kernel_size)
         self.conv_size = local_kernel_size(in_channels)
         self.norm = nn.LayerNorm(in_channels, **dd)
-        self.conv = nn.Conv1d(1, out_channels * kernel_size ** 2, self.conv_size, bias=False, **dd)
+        self.conv = nn.Conv1d(1, out_channels * math.prod(self.kernel_size), self.conv_size, bias=False, **dd)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -140,7 +146,7 @@ class KSMLocal(nn.Module):
         self.norm.reset_parameters()
 
     def taps(self) -> torch.Tensor:
-        """The conv's taps (Cout*k*k, K)."""
+        """The conv's taps (Cout * positions, K)."""
         return self.conv.weight.view(-1, self.conv_size)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -80,20 +80,37 @@ def fourier_basis(length: int, cutoffs: tuple[int, ...], device: torch.device,
     return cached_constant(('fourier_basis', length, cutoffs, str(device), dtype), make)
 
 
-def _bands(x: Tensor, cutoffs: list[int]) -> tuple[Tensor, list[int], Tensor, list[int]]:
-    h, w = x.shape[-2:]
-    basis_h, ranks_h = fourier_basis(h, tuple(cutoffs), x.device, x.dtype)
-    basis_w, ranks_w = fourier_basis(w, tuple(cutoffs), x.device, x.dtype)
-    return basis_h, list(ranks_h), basis_w, list(ranks_w)
+def _bases(x: Tensor, cutoffs: list[int]) -> list[tuple[Tensor, list[int]]]:
+    """Per spatial axis of x: its basis and, per cut-off, the rank of the low pass."""
+    return [(basis, list(ranks)) for basis, ranks in (fourier_basis(n, tuple(cutoffs), x.device, x.dtype)
+                                                       for n in x.shape[2:])]
+
+
+def along(t: Tensor, dim: int, matrix: Tensor) -> Tensor:
+    """t with its axis ``dim`` (length n) multiplied by ``matrix`` (n, r): axis length r, as one matrix product."""
+    if dim == t.ndim - 1:
+        return t @ matrix
+    shape = t.shape
+    out = matrix.t() @ t.reshape(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]))
+    return out.view(*shape[:dim], matrix.shape[1], *shape[dim + 1:])
 
 
 def low_passes(x: Tensor, cutoffs: list[int]) -> list[Tensor]:
-    """LP_j x for every cut-off; the Fourier coefficients of the widest band are made once, every narrower band
-    is a leading corner of them."""
-    basis_h, ranks_h, basis_w, ranks_w = _bands(x, cutoffs)
-    rh, rw = max(ranks_h), max(ranks_w)
-    coeff = basis_h[:, :rh].t() @ (x @ basis_w[:, :rw])  # (B, C, rh, rw)
-    return [basis_h[:, :a] @ coeff[..., :a, :b] @ basis_w[:, :b].t() for a, b in zip(ranks_h, ranks_w, strict=True)]
+    """LP_j x for every cut-off, x (B, C, *spatial) with 1 to 3 spatial axes: the Fourier coefficients of the
+    widest band are made once (one product per axis), every narrower band is a leading corner of them."""
+    bases = _bases(x, cutoffs)
+    coeff = x
+    for dim in reversed(range(len(bases))):
+        basis, ranks = bases[dim]
+        coeff = along(coeff, dim + 2, basis[:, :max(ranks)])
+    lows = []
+    for j in range(len(cutoffs)):
+        low = coeff[(slice(None), slice(None), *(slice(0, ranks[j]) for _, ranks in bases))]
+        for dim in reversed(range(len(bases))):
+            basis, ranks = bases[dim]
+            low = along(low, dim + 2, basis[:, :ranks[j]].t())
+        lows.append(low)
+    return lows
 
 
 def _band_weights(band_scale: Tensor) -> Tensor:
@@ -111,10 +128,10 @@ def combine_bands(x: Tensor, band_scale: Tensor, lows: list[Tensor]) -> Tensor:
 
 
 def band_modulation(x: Tensor, band_scale: Tensor, cutoffs: list[int], fused: bool) -> Tensor:
-    """FBM of x (B, C, H, W) by band scales (B, J, H, W), in x's dtype (at least float32); a fresh tensor. With
-    ``fused`` (the operator's backend choice) float32 maps run in one fused loop."""
-    if fused and x.dtype == band_scale.dtype == torch.float32 and x.numel():
-        basis_h, ranks_h, basis_w, ranks_w = _bands(x, cutoffs)
+    """FBM of x (B, C, *spatial) by band scales (B, J, *spatial), in x's dtype (at least float32); a fresh tensor.
+    With ``fused`` (the operator's backend choice) float32 2-D maps run in one fused loop."""
+    if fused and x.dtype == band_scale.dtype == torch.float32 and x.numel() and x.ndim == 4:
+        (basis_h, ranks_h), (basis_w, ranks_w) = _bases(x, cutoffs)
         h, w = x.shape[-2:]
         work = scratch('fbm.work', native.workspace_floats(2, h, w, max(ranks_h), max(ranks_w), len(cutoffs)))
         return native.band_modulation(x.contiguous(), band_scale.contiguous(), basis_h, tuple(ranks_h), basis_w,
@@ -130,7 +147,7 @@ def band_modulation_backward(grad: Tensor, x: Tensor, band_scale: Tensor, cutoff
     for j, low in enumerate(low_passes(x, cutoffs)):
         grad_weight.append((grad * low).sum(1))
         grad_x += low_passes(weight[:, j:j + 1] * grad, cutoffs[j:j + 1])[0]
-    grad_weight = torch.stack(grad_weight, 1)  # dL/dW_j, (B, J, H, W)
+    grad_weight = torch.stack(grad_weight, 1)  # dL/dW_j, (B, J, *spatial)
     # W_j = A_{j+1} - A_j: A_j gets -dW_j and +dW_{j-1}; A_1 also multiplies x directly
     grad_scale = -grad_weight
     grad_scale[:, 1:] += grad_weight[:, :-1]
@@ -138,8 +155,16 @@ def band_modulation_backward(grad: Tensor, x: Tensor, band_scale: Tensor, cutoff
     return grad_x, grad_scale
 
 
-def band_flops(batch: int, channels: int, height: int, width: int, cutoffs: tuple[int, ...]) -> int:
-    """FLOPs of FBM's basis products (2 per multiply-add)."""
-    rh, rw = max(basis_ranks(height, cutoffs)), max(basis_ranks(width, cutoffs))
-    return 2 * batch * channels * (height * width * rw + height * rh * rw
-                                   + len(cutoffs) * (rh * rw * width + height * rh * width))
+def band_flops(batch: int, channels: int, *sizes_and_cutoffs) -> int:
+    """FLOPs of FBM's basis products (2 per multiply-add) on a (batch, channels, *sizes) map: the coefficients of
+    the widest band, one product per axis, and each band made back from them."""
+    *sizes, cutoffs = sizes_and_cutoffs
+    ranks = [max(basis_ranks(n, tuple(cutoffs))) for n in sizes]
+
+    def products(start: list[int], end: list[int]) -> int:
+        shape, flops = list(start), 0
+        for dim in reversed(range(len(shape))):
+            flops += 2 * batch * channels * math.prod(shape) * end[dim]
+            shape[dim] = end[dim]
+        return flops
+    return products(sizes, ranks) + len(cutoffs) * products(ranks, sizes)

@@ -197,14 +197,15 @@ def synthesize(
 ) -> None:
     """out[b] = irfft2 of the half spectrum scaled per group, times sigmoid(local logits) * channel[b, i] if
     taps are given (groups = 1), in two passes over cache-sized blocks with MKL's FFT inside. spectrum (H, R, 2)
-    column-major (H = C/2+1), group (H, R), attention (B, n), taps (Cout*k*k, K), windows (B, Cin, K), channel
-    (B, Cin) or None, out (B, R, C); columns and work are scratch (see :func:`workspace_floats`)."""
+    column-major (H = C/2+1), group (H, R), attention (B, n), taps (R*k, K), windows (B, Cin, K), channel
+    (B, Cin) or None, out (B, R, C) with C = Cin*k (k: the kernel's column factor, ``synthesis.matrix_factors``);
+    columns and work are scratch (see :func:`workspace_floats`)."""
     if spectrum.ndim != 3 or out.ndim != 3 or attention.ndim != 2:
         raise ValueError(f"spectrum {tuple(spectrum.shape)} does not fit matrices {tuple(out.shape)} and "
                          f"attention {tuple(attention.shape)}")
     (half, rows, _), (batch, groups), cols = spectrum.shape, attention.shape, out.shape[-1]
     k, taps_k = kernel_size, 0
-    if half != cols // 2 + 1 or cols % k or rows % k:
+    if half != cols // 2 + 1 or cols % k:
         raise ValueError(f"spectrum {tuple(spectrum.shape)} does not fit matrices {tuple(out.shape)} of k={k}")
     pointers = [_check('spectrum', spectrum, (half, rows, 2)), 0, _check('attention', attention, (batch, groups))]
     suffix = _index_suffix(group, (half, rows))
@@ -259,14 +260,14 @@ def local_modulation_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Backward of P = M * sigmoid(L) (* channel[b, i] if given) over whole matrices (B, R, Cin*k), the logits
     made again on the fly. Turns ``grad`` (dLoss/dP) into dLoss/dM in place and returns sum_i P*dP per
-    (sample, row, v) (B, R, k), the gradients of the taps (Cout*k*k, K) and of the windows (B, Cin, K), and
+    (sample, row, v) (B, R, k), the gradients of the taps (R*k, K) and of the windows (B, Cin, K), and
     sum_(row, v) P*dP per (sample, Cin) (None without ``channel``)."""
     if product.ndim != 3 or windows.ndim != 3:
         raise ValueError(f"product {tuple(product.shape)} must be (B, R, C) and windows {tuple(windows.shape)} "
                          f"(B, Cin, K)")
     (batch, rows, cols), k = product.shape, kernel_size
     in_channels, taps_k = windows.shape[1:]
-    if cols != in_channels * k or rows % k:
+    if cols != in_channels * k:
         raise ValueError(f"matrices {tuple(product.shape)} do not fit windows {tuple(windows.shape)} and k={k}")
     per_tap = torch.empty(batch, rows, k)
     grad_taps = torch.zeros(rows * k, taps_k)

@@ -2,6 +2,7 @@
 (``fdconv_zoo.apps.export``) hands to ``run_decompositions``. Only exports import this module (and ``dft``)."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -10,9 +11,9 @@ from torch import Tensor
 
 from . import dft
 from .backend import fft_dtype
-from .bands import combine_bands, cutoff_frequency
+from .bands import along, combine_bands, cutoff_frequency
 from .conv import Conv
-from .synthesis import geometry, local_logits
+from .synthesis import geometry, local_logits, matrix_factors
 
 
 def low_pass_projections(n: int, cutoffs: list[int], like: Tensor) -> list[Tensor]:
@@ -38,9 +39,14 @@ def low_pass_projections(n: int, cutoffs: list[int], like: Tensor) -> list[Tenso
 def band_modulation_portable(x: Tensor, band_scale: Tensor, cutoffs: list[int]) -> Tensor:
     """FBM with the projections made in the graph (low_pass_projections): for exports, where the spatial size
     may be symbolic. Full (n, n) projections cost more than the bases' few columns; only exports pay it."""
-    h, w = x.shape[-2:]
-    return combine_bands(x, band_scale, [proj_h @ x @ proj_w for proj_h, proj_w in zip(
-        low_pass_projections(h, cutoffs, x), low_pass_projections(w, cutoffs, x), strict=True)])
+    per_axis = [low_pass_projections(n, cutoffs, x) for n in x.shape[2:]]
+    lows = []
+    for j in range(len(cutoffs)):
+        low = x
+        for dim, projections in enumerate(per_axis):  # the projections are symmetric
+            low = along(low, dim + 2, projections[j])
+        lows.append(low)
+    return combine_bands(x, band_scale, lows)
 
 
 def portable_dynamic_conv(x, band_scale, spectrum, group_index, attention, taps, windows, channel, spatial,
@@ -51,43 +57,49 @@ def portable_dynamic_conv(x, band_scale, spectrum, group_index, attention, taps,
     fast where a runtime's FFT is not), and the per-sample kernels applied by im2col from slices and one batched
     matrix product, so the batch stays a free dimension (no convolution with batch x groups groups). No fused
     loops and no data-dependent checks."""
-    k, dtype = kernel_size, fft_dtype(spectrum.dtype)
-    rows, cols = geometry(spectrum, channel, k, groups)
+    dtype = fft_dtype(spectrum.dtype)
+    rows, cols = geometry(spectrum, channel, kernel_size, groups)
+    kr, kc = matrix_factors(kernel_size)
     b = x.shape[0]
-    conv = Conv(x, rows, k, groups, stride, padding, dilation, pre_pad, padding_mode)
+    conv = Conv(x, rows, kernel_size, groups, stride, padding, dilation, pre_pad, padding_mode)
     scale = attention.to(dtype)[:, group_index.long().t()]  # (B, R, C/2+1)
-    # tokens (FDLinear: k = 1, one group) multiply x K^T: the transposed product (B, C, R) is then the matmul's
-    # right operand as it is, and its gates come transposed (the local logits as windows @ taps^T)
+    # tokens (FDLinear: no kernel axes, one group) multiply x K^T: the transposed product (B, C, R) is then the
+    # matmul's right operand as it is, and its gates come transposed (the local logits as windows @ taps^T)
     product = dft.irfft2(spectrum.to(dtype).permute(2, 1, 0) * scale.unsqueeze(1), rows, cols, conv.tokens)
     if taps is not None:
         flat_taps, windows = taps.to(dtype).reshape(taps.shape[0], -1), windows.to(dtype)
-        logits = windows @ flat_taps.t() if conv.tokens else local_logits(flat_taps, windows, rows, k, groups)
+        logits = windows @ flat_taps.t() if conv.tokens else local_logits(flat_taps, windows, rows, kc, groups)
         product = product * torch.sigmoid(logits)
     inp = x
     if band_scale is not None:
         inp = band_modulation_portable(x.to(dtype), band_scale.to(dtype), cutoffs).to(x.dtype)
     if pre_pad:
         inp = F.pad(inp, pre_pad, mode='constant' if padding_mode == 'zeros' else padding_mode)
-    cout, cg = conv.out_channels, cols // k
+    cout, cg = conv.out_channels, cols // kc
     if conv.tokens:
         y = torch.bmm(inp, (product * channel.to(dtype).unsqueeze(2)).to(x.dtype))
     else:
-        # the contraction runs over (u, i, v), the order of a kernel matrix row (o, u) followed by its columns
-        # (i, v): the product is the matmul's left operand as it is, and im2col stacks its taps in that order.
-        # The channel attention of input channel i and the spatial attention of tap (u, v) scale it in one pass.
+        # the contraction runs over (r, i, v), the order of a kernel matrix row (o, r) followed by its columns
+        # (i, v), r the kernel position on every axis but the last and v on the last: the product is the
+        # matmul's left operand as it is, and im2col stacks its taps in that order. The channel attention of input
+        # channel i and the spatial attention of tap (r, v) scale it in one pass.
         factor = channel.to(dtype).view(b, groups, 1, 1, cg, 1)
         if spatial is not None:
-            factor = factor * spatial.to(dtype).view(b, 1, 1, k, 1, k)
-        kernels = (product.view(b, groups, cout // groups, k, cg, k) * factor).to(x.dtype)
-        ph, pw = conv.padding
-        padded = F.pad(inp, (pw, pw, ph, ph)) if ph or pw else inp
+            factor = factor * spatial.to(dtype).view(b, 1, 1, kr, 1, kc)
+        kernels = (product.view(b, groups, cout // groups, kr, cg, kc) * factor).to(x.dtype)
+        pads = [p for pad in reversed(conv.padding) for p in (pad, pad)]
+        padded = F.pad(inp, pads) if any(conv.padding) else inp
         padded = padded.reshape(b, groups, cg, *padded.shape[2:])
-        (dh, dw), (sh, sw), (ho, wo) = conv.dilation, conv.stride, conv.size
-        columns = torch.stack([torch.stack([
-            padded[..., u * dh:u * dh + (ho - 1) * sh + 1:sh, v * dw:v * dw + (wo - 1) * sw + 1:sw]
-            for v in range(k)], 3) for u in range(k)], 2)  # (B, groups, k, Cg, k, Ho, Wo)
-        y = torch.matmul(kernels.reshape(b, groups, cout // groups, k * cg * k),
-                         columns.reshape(b, groups, k * cg * k, ho * wo)).reshape(b, cout, ho, wo)
+        offsets = list(itertools.product(*(range(k) for k in kernel_size)))  # kernel positions, row-major
+
+        def window(offset: tuple[int, ...]) -> Tensor:
+            return padded[(..., *(slice(o * d, o * d + (n - 1) * s + 1, s) for o, d, s, n in zip(
+                offset, conv.dilation, conv.stride, conv.size, strict=True)))]
+        columns = torch.stack([torch.stack([window(offsets[r * kc + v]) for v in range(kc)], 3)
+                               for r in range(kr)], 2)  # (B, groups, kr, Cg, kc, *out)
+        positions = math.prod(conv.size)
+        y = torch.matmul(kernels.reshape(b, groups, cout // groups, kr * cg * kc),
+                         columns.reshape(b, groups, kr * cg * kc, positions)).reshape(b, cout, *conv.size)
     shape = conv.channel_shape(y)
     if filter_attention is not None:
         y = y * filter_attention.view(shape).to(y.dtype)

@@ -4,6 +4,8 @@ The math lives in ``bands``, ``synthesis`` and ``conv``; each operator asks for 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
@@ -15,16 +17,17 @@ from .backend import cpu_kernels, fft_dtype
 
 
 def _check_bands(x: Tensor, band_scale: Tensor, cutoffs: list[int]) -> None:
-    synthesis.check(x.ndim == 4 and band_scale.ndim == 4
+    synthesis.check(3 <= x.ndim <= 5 and band_scale.ndim == x.ndim
                     and tuple(band_scale.shape) == (x.shape[0], len(cutoffs), *x.shape[2:]),
-                    lambda: f"band_modulation needs x (B, C, H, W) and band scales (B, {len(cutoffs)}, H, W), got "
-                            f"{tuple(x.shape)} and {tuple(band_scale.shape)}")
+                    lambda: f"band_modulation needs x (B, C, *spatial) with 1 to 3 spatial axes and band scales "
+                            f"(B, {len(cutoffs)}, *spatial), got {tuple(x.shape)} and {tuple(band_scale.shape)}")
     bands.check_cutoffs(cutoffs)
 
 
 @torch.library.custom_op('fdconv::band_modulation', mutates_args=())
 def band_modulation(x: Tensor, band_scale: Tensor, cutoffs: list[int]) -> Tensor:
-    """FBM: x (B, C, H, W) with its frequency bands scaled by band_scale (B, J, H, W), in fft_dtype(x.dtype)."""
+    """FBM: x (B, C, *spatial) with its frequency bands scaled by band_scale (B, J, *spatial), in
+    fft_dtype(x.dtype)."""
     _check_bands(x, band_scale, cutoffs)
     dtype = fft_dtype(x.dtype)
     if x.numel() == 0:
@@ -91,10 +94,11 @@ def _like_inputs(refs, like: Tensor) -> list[Tensor]:
 
 @torch.library.custom_op('fdconv::synthesize', mutates_args=())
 def synthesize(spectrum: Tensor, group_index: Tensor, attention: Tensor, taps: Tensor | None, windows: Tensor | None,
-               channel: Tensor, kernel_size: int, groups: int) -> Tensor:
-    """Per-sample weight matrices P (B, Cout*k, Cg*k), fft_dtype(spectrum.dtype): spectrum (C/2+1, Cout*k, 2)
-    column-major half spectrum, group_index (C/2+1, Cout*k) uint8/int32, attention (B, n) per frequency group,
-    local taps (Cout*k*k, K) and windows (B, Cin, K) or None, channel attention (B, Cin)."""
+               channel: Tensor, kernel_size: list[int], groups: int) -> Tensor:
+    """Per-sample weight matrices P (B, R, C) = (B, Cout*kr, Cg*kc), fft_dtype(spectrum.dtype), for a kernel of
+    spatial shape ``kernel_size`` ([] for a linear; ``synthesis.matrix_factors`` gives kr, kc): spectrum
+    (C/2+1, R, 2) column-major half spectrum, group_index (C/2+1, R) uint8/int32, attention (B, n) per frequency
+    group, local taps (R*kc, K) and windows (B, Cin, K) or None, channel attention (B, Cin)."""
     synthesis.check_synthesis(spectrum, group_index, attention, taps, windows, channel, kernel_size, groups)
     if attention.shape[0] == 0:  # an empty batch has no kernels; the transforms refuse a batch of 0
         return spectrum.new_empty(0, *synthesis.geometry(spectrum, channel, kernel_size, groups),
@@ -112,7 +116,8 @@ def _(spectrum, group_index, attention, taps, windows, channel, kernel_size, gro
 
 @torch.library.custom_op('fdconv::synthesize_backward', mutates_args=())
 def synthesize_backward(grad: Tensor, spectrum: Tensor, group_index: Tensor, attention: Tensor, taps: Tensor | None,
-                        windows: Tensor | None, channel: Tensor, kernel_size: int, groups: int) -> list[Tensor]:
+                        windows: Tensor | None, channel: Tensor, kernel_size: list[int],
+                        groups: int) -> list[Tensor]:
     """Gradients of :func:`synthesize` (spectrum, attention, taps, windows, channel; empty for absent ones); the
     matrices are made again rather than kept."""
     synthesis.check_synthesis(spectrum, group_index, attention, taps, windows, channel, kernel_size, groups)
@@ -173,14 +178,15 @@ def _check_conv(x, band_scale, spectrum, group_index, attention, taps, windows, 
 @torch.library.custom_op('fdconv::dynamic_conv', mutates_args=())
 def dynamic_conv(x: Tensor, band_scale: Tensor | None, spectrum: Tensor, group_index: Tensor, attention: Tensor,
                  taps: Tensor | None, windows: Tensor | None, channel: Tensor, spatial: Tensor | None,
-                 filter_attention: Tensor | None, bias: Tensor | None, kernel_size: int, groups: int,
+                 filter_attention: Tensor | None, bias: Tensor | None, kernel_size: list[int], groups: int,
                  stride: list[int], padding: list[int], dilation: list[int], pre_pad: list[int], padding_mode: str,
                  cutoffs: list[int]) -> Tensor:
     """One FDConv layer after its KSM heads: y = conv(pad(FBM(x, band_scale)), P * s) * f + bias per sample,
-    P = synthesize(spectrum, group_index, attention, taps, windows, channel), s the spatial attention (B, k*k)
-    and f the filter attention (B, Cout). x (B, Cin, H, W), or tokens (B, N, Cin) for FDLinear; output in x's
-    dtype. ``padding`` is the convolution's symmetric padding, ``pre_pad`` (left, right, top, bottom) one it
-    cannot do (other modes, uneven 'same')."""
+    P = synthesize(spectrum, group_index, attention, taps, windows, channel), s the spatial attention
+    (B, prod(kernel_size)) and f the filter attention (B, Cout). x (B, Cin, *spatial) with the kernel's 1 to 3
+    spatial axes, or tokens (B, N, Cin) for FDLinear (kernel_size []); output in x's dtype. ``padding`` is the
+    convolution's symmetric padding, ``pre_pad`` (F.pad's order, the last axis first) one it cannot do (other
+    modes, uneven 'same')."""
     _check_conv(x, band_scale, spectrum, group_index, attention, taps, windows, channel, spatial, kernel_size,
                 groups, cutoffs)
     if x.shape[0] == 0:  # an empty batch: an empty output, as a dense convolution gives (no batch-sized groups)
@@ -204,7 +210,8 @@ def _(x, band_scale, spectrum, group_index, attention, taps, windows, channel, s
 def dynamic_conv_backward(grad_out: Tensor, x: Tensor, band_scale: Tensor | None, spectrum: Tensor,
                           group_index: Tensor, attention: Tensor, taps: Tensor | None, windows: Tensor | None,
                           channel: Tensor, spatial: Tensor | None, filter_attention: Tensor | None,
-                          bias: Tensor | None, kernel_size: int, groups: int, stride: list[int], padding: list[int],
+                          bias: Tensor | None, kernel_size: list[int], groups: int, stride: list[int],
+                          padding: list[int],
                           dilation: list[int], pre_pad: list[int], padding_mode: str,
                           cutoffs: list[int]) -> list[Tensor]:
     """Gradients of :func:`dynamic_conv` for every input but group_index (empty for absent ones); the kernels
@@ -253,8 +260,8 @@ def _dynamic_conv_flops(x_shape, band_scale_shape, spectrum_shape, group_shape, 
     """The per-sample inverse FFTs, the local branch's logits and the convolution (2 per multiply-add), and FBM's
     basis products."""
     b, rows = x_shape[0], spectrum_shape[1]
-    cols = channel_shape[1] // groups * kernel_size
-    positions = out_shape[1] if len(out_shape) == 3 else out_shape[2] * out_shape[3]
+    cols = channel_shape[1] // groups * synthesis.matrix_factors(kernel_size)[1]
+    positions = out_shape[1] if not kernel_size else math.prod(out_shape[2:])
     flops = synthesis.synthesis_fft_flops(rows, cols, b) + 2 * b * rows * cols * positions
     if taps_shape is not None:
         flops += 2 * b * rows * cols * taps_shape[1]

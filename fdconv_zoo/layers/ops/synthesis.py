@@ -1,13 +1,14 @@
 """Kernel synthesis: the math of ``fdconv::synthesize`` and of the kernels inside ``fdconv::dynamic_conv``.
 
-P = irfft2(spectrum * attention[group]) * sigmoid(local logits) * channel attention, per sample, as (B, Cout*k,
-Cg*k) weight matrices; its adjoint gives the gradients of the spectrum, the attentions and the local branch.
+P = irfft2(spectrum * attention[group]) * sigmoid(local logits) * channel attention, per sample, as (B, Cout*kr,
+Cg*kc) weight matrices (``matrix_factors``); its adjoint gives the gradients of the spectrum, the attentions and the local branch.
 Each function takes the operator's backend choice (``fused``): the fused loops of ``native`` for float32, else
 whole-batch PyTorch (one 2-D FFT per call: the GPU path).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -36,17 +37,36 @@ def check_group_index(group_index: Tensor, num_groups: int) -> None:
         torch._assert_async(~bad, message)
 
 
-def geometry(spectrum: Tensor, channel: Tensor, kernel_size: int, groups: int) -> tuple[int, int]:
-    """(rows, cols) of the weight matrices: (Cout*k, Cg*k)."""
-    return spectrum.shape[1], channel.shape[1] // groups * kernel_size
+def kernel_shape(kernel_size: int | Sequence[int]) -> tuple[int, ...]:
+    """A kernel's spatial shape: an int is a square 2-D kernel."""
+    return (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(int(k) for k in kernel_size)
+
+
+def matrix_factors(kernel_size: Sequence[int]) -> tuple[int, int]:
+    """(kr, kc): how a kernel's axes split between the weight matrix's rows, which they share with the output
+    channel, and its columns, which they share with the input channel: the last axis goes to the columns and every
+    other axis to the rows, so that a 3-D kernel (1, k, k), a 2-D one inflated in time, has the 2-D kernel's
+    spectrum. A 1-D kernel is the 2-D kernel (k, 1), as the authors lay out time series; a token product (no axes,
+    FDLinear) is (1, 1)."""
+    if len(kernel_size) <= 1:
+        return (int(kernel_size[0]) if kernel_size else 1), 1
+    return math.prod(kernel_size[:-1]), int(kernel_size[-1])
+
+
+def geometry(spectrum: Tensor, channel: Tensor, kernel_size: Sequence[int], groups: int) -> tuple[int, int]:
+    """(rows, cols) of the weight matrices: (Cout*kr, Cg*kc)."""
+    return spectrum.shape[1], channel.shape[1] // groups * matrix_factors(kernel_size)[1]
 
 
 def check_synthesis(spectrum, group_index, attention, taps, windows, channel, kernel_size, groups) -> None:
     """The synthesis inputs fit each other (eager calls and fake tensors alike)."""
+    check(len(kernel_size) <= 3 and all(k >= 1 for k in kernel_size),
+          lambda: f"kernel_size must list 0 to 3 sizes >= 1, got {list(kernel_size)}")
     rows, cols = geometry(spectrum, channel, kernel_size, groups)
+    kr, kc = matrix_factors(kernel_size)
     b = attention.shape[0]
     check(spectrum.ndim == 3 and spectrum.shape[0] == cols // 2 + 1 and spectrum.shape[2] == 2
-          and rows % kernel_size == 0,
+          and rows % kr == 0 and (rows // kr) % groups == 0,
           lambda: f"spectrum {tuple(spectrum.shape)} does not fit ({rows}, {cols}) weight matrices")
     check(tuple(group_index.shape) == tuple(spectrum.shape[:2]) and group_index.dtype in (torch.uint8, torch.int32),
           lambda: f"group index must be uint8/int32 of shape {tuple(spectrum.shape[:2])}, got {group_index.dtype} "
@@ -56,54 +76,54 @@ def check_synthesis(spectrum, group_index, attention, taps, windows, channel, ke
           lambda: f"channel attention {tuple(channel.shape)} does not fit batch {b} and groups {groups}")
     check((taps is None) == (windows is None), lambda: "taps and windows of the local branch come together")
     if taps is not None:
-        check(taps.ndim == 2 and windows.ndim == 3 and taps.shape[0] == rows * kernel_size
+        check(taps.ndim == 2 and windows.ndim == 3 and taps.shape[0] == rows * kc
               and tuple(windows.shape[:2]) == tuple(channel.shape) and taps.shape[1] == windows.shape[2],
               lambda: f"local taps {tuple(taps.shape)} and windows {tuple(windows.shape)} do not fit ({rows}, "
                       f"{cols}) matrices")
 
 
-def local_logits(taps: Tensor, windows: Tensor, rows: int, k: int, groups: int) -> Tensor:
-    """Logits of the local branch in the weight-matrix layout (B, Cout*k, Cg*k): element [o, i, u, v] sums
-    taps[(o*k + u)*k + v, t] * windows[b, c, t] over t, c the input channel it reads ((o // (Cout/g))*Cg + i)."""
+def local_logits(taps: Tensor, windows: Tensor, rows: int, kc: int, groups: int) -> Tensor:
+    """Logits of the local branch in the weight-matrix layout (B, R, Cg*kc): element (row, i*kc + v) sums
+    taps[row*kc + v, t] * windows[b, c, t] over t, c the input channel it reads ((row // (R/g))*Cg + i). For a
+    2-D kernel row = o*k + u, so tap row (o*k + u)*k + v is the local conv's output channel of element [o, i, u, v]."""
     b, cin, taps_k = windows.shape
-    cout, cg = rows // k, cin // groups
-    t = taps.view(groups, cout // groups, k, k, taps_k)
-    logits = torch.einsum('bgit,gouvt->bgouiv', windows.reshape(b, groups, cg, taps_k), t)
-    return logits.reshape(b, rows, cg * k)
+    cg = cin // groups
+    t = taps.view(groups, rows // groups, kc, taps_k)
+    logits = torch.einsum('bgit,grvt->bgriv', windows.reshape(b, groups, cg, taps_k), t)
+    return logits.reshape(b, rows, cg * kc)
 
 
-def local_logits_backward(grad: Tensor, windows: Tensor, taps: Tensor, k: int, groups: int) -> tuple[Tensor, Tensor]:
+def local_logits_backward(grad: Tensor, windows: Tensor, taps: Tensor, kc: int, groups: int) -> tuple[Tensor, Tensor]:
     b, cin, taps_k = windows.shape
     rows, cg = grad.shape[1], cin // groups
-    cout = rows // k
-    g = grad.reshape(b, groups, cout // groups, k, cg, k)
+    g = grad.reshape(b, groups, rows // groups, cg, kc)
     w = windows.reshape(b, groups, cg, taps_k)
-    grad_taps = torch.einsum('bgouiv,bgit->gouvt', g, w).reshape(taps.shape)
-    grad_windows = torch.einsum('bgouiv,gouvt->bgit', g, taps.view(groups, cout // groups, k, k, taps_k))
+    grad_taps = torch.einsum('bgriv,bgit->grvt', g, w).reshape(taps.shape)
+    grad_windows = torch.einsum('bgriv,grvt->bgit', g, taps.view(groups, rows // groups, kc, taps_k))
     return grad_taps, grad_windows.reshape(b, cin, taps_k)
 
 
-def per_column(channel: Tensor, rows: int, k: int, groups: int) -> Tensor:
+def per_column(channel: Tensor, rows: int, kc: int, groups: int) -> Tensor:
     """The channel attention (B, Cin) of the input channel each matrix element reads, broadcastable to
-    (B, Cout*k, Cg*k)."""
+    (B, R, Cg*kc)."""
     b, cin = channel.shape
     if groups == 1:
-        return channel.repeat_interleave(k, 1).unsqueeze(1)
-    cg, cout = cin // groups, rows // k
-    per = channel.view(b, groups, 1, 1, cg, 1).expand(b, groups, cout // groups, k, cg, k)
-    return per.reshape(b, rows, cg * k)
+        return channel.repeat_interleave(kc, 1).unsqueeze(1)
+    cg = cin // groups
+    per = channel.view(b, groups, 1, cg, 1).expand(b, groups, rows // groups, cg, kc)
+    return per.reshape(b, rows, cg * kc)
 
 
-def per_column_sum(values: Tensor, channels: int, k: int, groups: int) -> Tensor:
-    """Adjoint of :func:`per_column`: (B, Cout*k, Cg*k) -> sums per input channel (B, Cin)."""
+def per_column_sum(values: Tensor, channels: int, kc: int, groups: int) -> Tensor:
+    """Adjoint of :func:`per_column`: (B, R, Cg*kc) -> sums per input channel (B, Cin)."""
     b, rows, cols = values.shape
-    cg = cols // k
-    return values.view(b, groups, rows // groups, cg, k).sum((2, 4)).reshape(b, channels)
+    cg = cols // kc
+    return values.view(b, groups, rows // groups, cg, kc).sum((2, 4)).reshape(b, channels)
 
 
 def in_dtype(dtype: torch.dtype, spectrum: Tensor, attention: Tensor, taps: Tensor | None, windows: Tensor | None,
               channel: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
-    """The synthesis inputs in the dtype it computes in; the vectors and the local taps (Cout*k*k, K) contiguous,
+    """The synthesis inputs in the dtype it computes in; the vectors and the local taps (R*kc, K) contiguous,
     as the fused loops read them."""
     if taps is not None:
         taps, windows = taps.to(dtype).reshape(taps.shape[0], -1).contiguous(), windows.to(dtype).contiguous()
@@ -119,11 +139,13 @@ def _matrices(spectrum: Tensor, group_index: Tensor, attention: Tensor, rows: in
 
 
 def synthesize(spectrum: Tensor, group_index: Tensor, attention: Tensor, taps: Tensor | None, windows: Tensor | None,
-               channel: Tensor, k: int, groups: int, fused: bool, out: Tensor | None = None) -> Tensor:
-    """P (B, Cout*k, Cg*k) in the FFT dtype; into ``out`` if given (the fused loops' scratch, inside an op)."""
+               channel: Tensor, kernel_size: Sequence[int], groups: int, fused: bool,
+               out: Tensor | None = None) -> Tensor:
+    """P (B, Cout*kr, Cg*kc) in the FFT dtype; into ``out`` if given (the fused loops' scratch, inside an op)."""
     spectrum, attention, taps, windows, channel = in_dtype(fft_dtype(spectrum.dtype), spectrum, attention, taps,
                                                             windows, channel)
-    rows, cols = geometry(spectrum, channel, k, groups)
+    rows, cols = geometry(spectrum, channel, kernel_size, groups)
+    k = matrix_factors(kernel_size)[1]  # the fused loops and the local branch need only the column factor
     b = attention.shape[0]
     if fused and spectrum.dtype == torch.float32 and b and (groups == 1 or taps is None):
         out = torch.empty(b, rows, cols) if out is None else out
@@ -144,12 +166,12 @@ def synthesize(spectrum: Tensor, group_index: Tensor, attention: Tensor, taps: T
 
 
 def synthesis_backward(grad: Tensor, product: Tensor, spectrum: Tensor, group_index: Tensor, attention: Tensor,
-                       taps: Tensor | None, windows: Tensor | None, channel: Tensor, k: int, groups: int,
-                       fused: bool) -> tuple[Tensor, ...]:
+                       taps: Tensor | None, windows: Tensor | None, channel: Tensor, kernel_size: Sequence[int],
+                       groups: int, fused: bool) -> tuple[Tensor, ...]:
     """Gradients of P = M * sigmoid(L) * c (``product``, as made by :func:`synthesize`) from dL/dP (``grad``,
     overwritten): spectrum, attention, taps, windows (None without the local branch), channel, and
-    sum_i P * dP per (sample, row, v) (B, R, k), which gives the filter and spatial attention's gradients."""
-    dtype = product.dtype
+    sum_i P * dP per (sample, row, v) (B, R, kc), which gives the filter and spatial attention's gradients."""
+    dtype, k = product.dtype, matrix_factors(kernel_size)[1]
     spectrum, attention, taps, windows, channel = in_dtype(dtype, spectrum, attention, taps, windows, channel)
     rows, cols = product.shape[1:]
     b, cin = channel.shape

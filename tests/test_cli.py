@@ -42,6 +42,23 @@ def test_bench_writes_measured_ratios(tmp_path, capsys):
     assert 'ratio' in capsys.readouterr().out
 
 
+def test_bench_times_networks_converted_from_outside_timm(tmp_path, capsys):
+    """The 3-D video ResNet and the 1-D sequence ResNet, converted under the paper's placement: eval and a
+    training step (peak memory) against the dense network in the same process."""
+    out = tmp_path / 'bench.json'
+    assert cli(['bench', '--models', 'r3d_18_fdconv', 'sequence_resnet_fdconv', '--batch-sizes', '1',
+                '--img-size', '32', '--train-batch-size', '2', '--train-img-size', '32', '--repeats', '2',
+                '--out', str(out)]) == 0
+    rows = json.loads(out.read_text())['rows']
+    assert [(r['model'], r['mode']) for r in rows] == [
+        ('r3d_18_fdconv', 'eval'), ('r3d_18_fdconv', 'train'), ('sequence_resnet_fdconv', 'eval'),
+        ('sequence_resnet_fdconv', 'train')]
+    for r in rows:
+        assert r['dense_ms'] > 0 and r['fdconv_ms'] > 0 and r['img_size'] == 32
+    assert all(r['fdconv_peak_mb'] > 0 for r in rows if r['mode'] == 'train')
+    assert 'r3d_18_fdconv' in capsys.readouterr().out
+
+
 def test_bench_refuses_a_dense_architecture(tmp_path, capsys):
     """A dense name would be benchmarked against itself: one line naming it, exit code 2, nothing written."""
     out = tmp_path / 'bench.json'

@@ -85,14 +85,92 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def sequence_resnet(in_channels: int = 12, num_classes: int = 10, widths: tuple[int, ...] = (64, 128, 256)) -> nn.Module:
+    """The benchmark's 1-D network: a ResNet-18-like CNN for multichannel sequences (e.g. 12-lead ECG), a k7
+    stem and two basic blocks of k3 convs per stage, each stage halving the length."""
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int):
+            super().__init__()
+            self.conv1 = nn.Conv1d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm1d(cout)
+            self.conv2 = nn.Conv1d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm1d(cout)
+            self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
+                nn.Conv1d(cin, cout, 1, stride, bias=False), nn.BatchNorm1d(cout))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            shortcut = x if self.downsample is None else self.downsample(x)
+            return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + shortcut)
+
+    layers: list[nn.Module] = [nn.Conv1d(in_channels, widths[0], 7, 2, 3, bias=False), nn.BatchNorm1d(widths[0]),
+                               nn.ReLU()]
+    cin = widths[0]
+    for i, width in enumerate(widths):
+        layers += [Block(cin, width, 1 if i == 0 else 2), Block(width, width, 1)]
+        cin = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+
+
+@dataclass(frozen=True)
+class Network:
+    """A dense network outside timm, benchmarked against its ``convert_to_fdconv`` version (the paper's
+    placement): how to build it, one sample's input shape for a size (--img-size), the default size, classes."""
+    build: Callable[[], nn.Module]
+    sample_shape: Callable[[int], tuple[int, ...]]
+    default_size: int
+    num_classes: int
+
+
+def _video(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from torchvision.models import video
+        return getattr(video, name)(num_classes=400)
+    return build
+
+
+NETWORKS: dict[str, Network] = {
+    'r3d_18_fdconv': Network(_video('r3d_18'), lambda s: (3, 16, s, s), 112, 400),  # 16-frame clips, Kinetics
+    'r2plus1d_18_fdconv': Network(_video('r2plus1d_18'), lambda s: (3, 16, s, s), 112, 400),
+    'sequence_resnet_fdconv': Network(sequence_resnet, lambda s: (12, s), 1000, 10),  # 10 s of 12-lead ECG
+}
+
+
 def dense_counterpart(name: str) -> str:
-    """The dense timm architecture an FDConv one is converted from (resnet50_fdconv -> resnet50); a ValueError
-    naming the choices for anything else, so that a dense name is not benchmarked against itself."""
+    """The dense architecture an FDConv one is converted from (resnet50_fdconv -> resnet50, r3d_18_fdconv ->
+    torchvision's r3d_18); a ValueError naming the choices for anything else, so that a dense name is not
+    benchmarked against itself."""
     import timm
-    choices = timm.list_models('*_fdconv')
+    choices = [*timm.list_models('*_fdconv'), *NETWORKS]
     if name not in choices:
         raise ValueError(f"{name!r} is not an FDConv architecture (one of {', '.join(choices)})")
     return name.removesuffix('_fdconv')
+
+
+def build_pair(fd_name: str) -> dict[str, nn.Module]:
+    """The dense model and its FDConv version, from timm or converted (``NETWORKS``), same random weights."""
+    import copy
+
+    import timm
+
+    from ..conversion import convert_to_fdconv
+    if fd_name in NETWORKS:
+        dense = NETWORKS[fd_name].build()
+        return {'dense': dense, 'fdconv': convert_to_fdconv(copy.deepcopy(dense))}
+    return {'dense': timm.create_model(dense_counterpart(fd_name)), 'fdconv': timm.create_model(fd_name)}
+
+
+def bench_input(fd_name: str, model: nn.Module, batch_size: int, size: int | None,
+                device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """A random batch for the model, the size it has (--img-size, or the model's own) and the classes."""
+    if fd_name in NETWORKS:
+        net = NETWORKS[fd_name]
+        size = size or net.default_size
+        return torch.randn(batch_size, *net.sample_shape(size), device=device), size, net.num_classes
+    cfg = model.pretrained_cfg
+    if size is None or cfg.get('fixed_input_size'):  # e.g. Swin: only its own resolution
+        size = cfg['input_size'][-1]
+    return torch.randn(batch_size, 3, size, size, device=device), size, model.num_classes
 
 
 def model_table(names: list[str], img_size: int | None = None) -> list[dict[str, Any]]:
@@ -271,25 +349,25 @@ def onnxruntime_runner(name: str, model: nn.Module, img_size: int) -> Callable[[
     return run
 
 
-def compare(fd_name: str, mode: str, batch_size: int, img_size: int, repeats: int = 5, warmup: int = 1,
+def compare(fd_name: str, mode: str, batch_size: int, img_size: int | None, repeats: int = 5, warmup: int = 1,
             device: str | torch.device = 'cpu', amp: bool = False, compile: bool = False,
             backend: str = 'eager') -> BenchResult:
-    """Dense timm model vs its FDConv version in this process, repeats interleaved, medians reported (and the
+    """Dense model vs its FDConv version in this process, repeats interleaved, medians reported (and the
     quartiles of the per-repeat ratios); with ``compile`` both run as ``torch.compile(model, fullgraph=True)``
     (compiled during the warm-up); with ``backend='onnxruntime'`` both are exported to ONNX and run by
-    onnxruntime's CPU provider (eval only)."""
-    import timm
+    onnxruntime's CPU provider (eval only, 2-D timm models). ``img_size`` None: the model's own size (a
+    sequence's length, a clip's height and width for ``NETWORKS``)."""
     check_backend(backend, mode, device, amp, compile)
+    if backend == 'onnxruntime' and fd_name in NETWORKS:
+        raise ValueError(f"the onnxruntime backend times timm models; {fd_name} is converted from outside timm")
     device = torch.device(device)
     torch.manual_seed(0)
     names = {'dense': dense_counterpart(fd_name), 'fdconv': fd_name}
-    models = {k: timm.create_model(name) for k, name in names.items()}
+    models = build_pair(fd_name)
     for m in models.values():
         m.to(device).train(mode == 'train')
-    if models['fdconv'].pretrained_cfg.get('fixed_input_size'):  # e.g. Swin: only its own resolution
-        img_size = models['fdconv'].pretrained_cfg['input_size'][-1]
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    target = torch.randint(0, 1000, (batch_size,), device=device)
+    x, img_size, classes = bench_input(fd_name, models['fdconv'], batch_size, img_size, device)
+    target = torch.randint(0, classes, (batch_size,), device=device)
     optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in models.items()}
     if compile:
         models = {k: torch.compile(m, fullgraph=True) for k, m in models.items()}
@@ -324,11 +402,10 @@ def part_breakdown(fd_name: str, batch_size: int, img_size: int, device: str | t
     """Milliseconds per eval forward spent in each FDConv part, summed over layers (torch.profiler, median over
     ``repeats``): KSM heads, kernel synthesis (FFTs and products), FBM with the channel scaling of the input,
     the convolution itself."""
-    import timm
     from torch.profiler import ProfilerActivity, profile
     device = torch.device(device)
-    model = timm.create_model(fd_name).to(device).eval()
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    model = build_pair(fd_name)['fdconv'].to(device).eval()
+    x = bench_input(fd_name, model, batch_size, img_size, device)[0]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     samples: dict[str, list[float]] = {p: [] for p in PARTS + ('total',)}
     with torch.no_grad():

@@ -77,7 +77,7 @@ def list_models(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     """Dense vs FDConv: eval latency per batch size, a training step with peak memory, per-part breakdown."""
     from ..atomic import write_json
-    from .benchmark import check_backend, compare, dense_counterpart, part_breakdown
+    from .benchmark import NETWORKS, check_backend, compare, dense_counterpart, part_breakdown
     for name in args.models:
         dense_counterpart(name)  # a dense name is refused before anything runs
     check_backend(args.backend, 'eval', args.device, args.amp, args.compile)
@@ -89,7 +89,8 @@ def bench(args: argparse.Namespace) -> int:
                                     compile=args.compile, backend=backend))
                 print(_bench_line(rows[-1]), flush=True)
         if args.train_batch_size and args.backend == 'eager':
-            rows.append(compare(name, 'train', args.train_batch_size, args.train_img_size, args.repeats,
+            train_size = args.train_img_size or (None if name in NETWORKS else 160)
+            rows.append(compare(name, 'train', args.train_batch_size, train_size, args.repeats,
                                 device=args.device, amp=args.amp, compile=args.compile))
             print(_bench_line(rows[-1]), flush=True)
     result = {'device': str(args.device), 'amp_bf16': args.amp, 'compiled': args.compile, 'backend': args.backend,
@@ -225,11 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('list', help='architectures and pretrained tags with their parameter counts')
     p.set_defaults(func=list_models)
     p = sub.add_parser('bench', help='dense vs FDConv latency, training step, peak memory, per-part breakdown')
-    p.add_argument('--models', nargs='+', default=['resnet50_fdconv'])
+    p.add_argument('--models', nargs='+', default=['resnet50_fdconv'],
+                   help='timm FDConv architectures, or networks converted from outside timm: '
+                        'r3d_18_fdconv, r2plus1d_18_fdconv (16-frame clips), sequence_resnet_fdconv (12 x length)')
     p.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 8], help='eval batch sizes')
-    p.add_argument('--img-size', type=int, default=224, help='eval resolution')
+    p.add_argument('--img-size', type=int, default=None,
+                   help="eval resolution (a clip's height and width, a sequence's length); default: the model's")
     p.add_argument('--train-batch-size', type=int, default=8, help='0 skips the training step')
-    p.add_argument('--train-img-size', type=int, default=160)
+    p.add_argument('--train-img-size', type=int, default=None, help="default: 160, or the converted network's")
     p.add_argument('--repeats', type=int, default=5, help='timed repeats (interleaved dense/FDConv)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--amp', action='store_true', help='bf16 autocast')

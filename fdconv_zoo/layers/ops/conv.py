@@ -200,9 +200,9 @@ def _apply(inp: Tensor, product: Tensor, spatial: Tensor | None, conv: Conv) -> 
         cols, _ = _unfold_by_row(inp, spatial, conv)
         return torch.bmm(product.view(b, conv.out_channels, -1), cols).view(b, -1, *conv.size)
     kernels = _kernels(product, spatial, conv)
-    out = torch.ops.aten.convolution(inp.reshape(1, -1, *inp.shape[2:]), kernels.reshape(-1, *kernels.shape[2:]),
-                                     None, conv.stride, conv.padding, conv.dilation, False, [0] * conv.dims,
-                                     b * conv.groups)
+    conv_nd = (F.conv1d, F.conv2d, F.conv3d)[conv.dims - 1]  # (autocast lowers these, as for a dense layer)
+    out = conv_nd(inp.reshape(1, -1, *inp.shape[2:]), kernels.reshape(-1, *kernels.shape[2:]), None, conv.stride,
+                  conv.padding, conv.dilation, b * conv.groups)
     return out.view(b, conv.out_channels, *out.shape[2:])
 
 

@@ -14,7 +14,7 @@ from conftest import rel_err
 from naive import naive_fdconv, randomize_
 from safetensors.torch import load, save
 
-from fdconv_zoo import FDConv2d, FDLinear
+from fdconv_zoo import FDConv2d, FDConv3d, FDLinear
 from fdconv_zoo.layers import FBM, fourier_basis, native_kernels, radial_grouping
 from fdconv_zoo.layers.ops import native
 
@@ -383,8 +383,10 @@ def test_bad_input_errors_name_the_problem():
         FDConv2d(5, 10, 3, num_freq_groups=300)
     with pytest.raises(TypeError, match='unknown_option'):
         FDConv2d(24, 24, 3, unknown_option=1)
-    with pytest.raises(ValueError, match='square'):
-        FDConv2d(24, 24, (3, 1))
+    with pytest.raises(ValueError, match=r'kernel_size must be .* tuple of 2'):
+        FDConv2d(24, 24, (3, 3, 3))
+    with pytest.raises(ValueError, match=r'FDConv3d expects input \(B, 24, D, H, W\)'):
+        FDConv3d(24, 24, 3)(torch.randn(2, 24, 8, 8))
     bad = layer.state_dict()
     bad['ksm_global.channel_fc.weight'] = torch.zeros(7, 16)
     with pytest.raises(RuntimeError, match=r'ksm_global\.channel_fc\.weight.*\[7, 16\].*\[24, 16\]'):

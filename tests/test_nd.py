@@ -20,6 +20,7 @@ CASES = {
     '1d-1x1': (lambda: FDConv1d(16, 24, 1, num_freq_groups=5), (2, 16, 9)),
     '1d-reflect-dilated': (lambda: FDConv1d(16, 16, 3, padding=2, dilation=2, padding_mode='reflect',
                                             num_freq_groups=6), (2, 16, 10)),
+    '2d-(1,3)-nonsquare': (lambda: FDConv2d(16, 24, (1, 3), padding=(0, 1), num_freq_groups=6), (2, 16, 5, 7)),
     '3d-fbm': (lambda: FDConv3d(8, 12, 3, padding=1, num_freq_groups=8), (2, 8, 4, 6, 5)),
     '3d-(1,3,3)-strided': (lambda: FDConv3d(8, 12, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1),
                                             num_freq_groups=6), (2, 8, 3, 7, 6)),
@@ -78,7 +79,7 @@ def test_gradcheck_float64():
     nn.Conv1d(24, 32, 3, padding=1), nn.Conv1d(24, 32, 7, stride=3, padding=3, bias=False),
     nn.Conv1d(24, 24, 3, padding='same', dilation=3, groups=4), nn.Conv1d(24, 32, 4, padding='same'),
     nn.Conv1d(24, 32, 3, padding=1, padding_mode='circular'),
-    nn.Conv3d(24, 32, 3, padding=1), nn.Conv3d(24, 32, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
+    nn.Conv2d(24, 32, (3, 1), padding=(1, 0)), nn.Conv3d(24, 32, 3, padding=1), nn.Conv3d(24, 32, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
     nn.Conv3d(24, 32, (3, 1, 1), padding=(1, 0, 0), bias=False), nn.Conv3d(24, 32, 1, stride=2),
     nn.Conv3d(24, 24, 3, padding=1, groups=24), nn.Conv3d(24, 32, 3, padding=1, padding_mode='replicate'),
     nn.Conv3d(24, 32, (2, 3, 3), padding='same'),
@@ -86,8 +87,8 @@ def test_gradcheck_float64():
 def test_from_dense_is_exact(dense, loops):
     """At step 0 the FDConv layer computes the dense one (float32, relative error <= 1e-5), FBM included."""
     torch.manual_seed(0)
-    layer = (FDConv1d if isinstance(dense, nn.Conv1d) else FDConv3d).from_dense(dense)
-    x = torch.randn(2, 24, 17) if isinstance(dense, nn.Conv1d) else torch.randn(2, 24, 5, 9, 8)
+    layer = {nn.Conv1d: FDConv1d, nn.Conv2d: FDConv2d, nn.Conv3d: FDConv3d}[type(dense)].from_dense(dense)
+    x = torch.randn(2, 24, *(17, 9, 8)[:dense.weight.ndim - 2])
     with torch.no_grad():
         assert rel_err(layer(x), dense(x)) <= 1e-5
 

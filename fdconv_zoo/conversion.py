@@ -10,7 +10,7 @@ import torch.nn as nn
 from .layers import FDConv1d, FDConv2d, FDConv3d, FDLinear
 from .layers.weight_import import load_reference_checkpoint
 
-__all__ = ['convert_to_fdconv', 'load_reference_checkpoint', 'reference_gate', 'to_fdconv']
+__all__ = ['convert_to_fdconv', 'fdconv_type', 'load_reference_checkpoint', 'reference_gate', 'to_fdconv']
 
 Rule = Callable[[str, nn.Module], bool]
 
@@ -32,9 +32,19 @@ def reference_gate(name: str, module: nn.Module) -> bool:
     return False
 
 
+def fdconv_type(module: nn.Module) -> type[nn.Module] | None:
+    """The FDConv layer type that computes what ``module`` computes: for nn.Conv1d/2d/3d, nn.Linear and their
+    subclasses that keep the base forward (e.g. torchvision's Conv3DSimple, which only adds a constructor); None
+    for anything else, such as timm's Conv2dSame or StdConv2d, whose forward differs."""
+    for dense, fd in FDCONV_OF.items():
+        if isinstance(module, dense) and type(module).forward is dense.forward:
+            return fd
+    return None
+
+
 def to_fdconv(module: nn.Module, **options: Any) -> nn.Module:
     """The FDConv counterpart of a dense nn.Conv1d/2d/3d or nn.Linear, exact at step 0."""
-    layer_type = next((fd for dense, fd in FDCONV_OF.items() if isinstance(module, dense)), None)
+    layer_type = fdconv_type(module)
     if layer_type is None:
         raise TypeError(f"cannot convert {type(module).__name__} to FDConv (only nn.Conv1d, nn.Conv2d, nn.Conv3d "
                         "and nn.Linear)")
@@ -48,7 +58,7 @@ def convert_to_fdconv(model: nn.Module, rule: Rule | None = None, **options: Any
     counterpart carrying the pretrained weights; returns ``model``, converted in place."""
     rule = rule or reference_gate
     targets = [(name, m) for name, m in model.named_modules()
-               if type(m) in FDCONV_OF and rule(name, m)]
+               if fdconv_type(m) is not None and rule(name, m)]
     for name, module in targets:
         parent_name, _, child = name.rpartition('.')
         parent = model.get_submodule(parent_name) if parent_name else model

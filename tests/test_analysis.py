@@ -115,3 +115,49 @@ def test_bad_input_is_one_line(photos, tmp_path, capsys):
     assert cli(['analyze', 'resnet18_fdconv', '--layers', 'head.*', '--out', str(tmp_path / 'c')]) == 2
     assert "--layers 'head.*' matches none" in capsys.readouterr().err
     assert not any((tmp_path / n).exists() for n in 'abc')
+
+
+def test_analyze_a_3d_video_model_draws_kernels_and_band_maps_as_slices(tmp_path, capsys):
+    """A 3-D network (torchvision's r3d_18, converted) with a batch of clips: group kernels of its 3x3x3 layers
+    drawn slice by slice, FBM band maps as slices along time, the numbers for every layer, compare-groups too."""
+    torch.manual_seed(0)
+    clips = torch.randn(2, 3, 8, 32, 32)
+    clips[1, :, :, :16] += 2.0  # one clip with a strong edge, so that edges and flat regions differ
+    torch.save(clips, tmp_path / 'clips.pt')
+    out = tmp_path / 'report'
+    assert cli(['analyze', 'r3d_18_fdconv', '--inputs', str(tmp_path / 'clips.pt'), '--out', str(out),
+                '--compare-groups', '1', '8']) == 0
+    assert 'index.html' in capsys.readouterr().out
+    report = json.loads((out / 'report.json').read_text())
+    assert {'summary.png', 'attention.png', 'kernels.png', 'fbm.png', 'compare_groups.png',
+            'kernels_layer1_0_conv1_0.png'} <= set(report['figures'])
+    for file, (width, height) in report['figures'].items():
+        with Image.open(out / file) as png:
+            assert png.size == (width, height) and width > 200 and height > 200
+    # three slices of a 3x3x3 kernel side by side: wider than a 2-D kernel's one column of pictures
+    assert report['figures']['kernels_layer1_0_conv1_0.png'][0] > 2 * report['figures']['kernels_layer1_0_conv1_0.png'][1] / 4
+    assert report['images'] == ['input 0', 'input 1']
+    assert max(report['modulation_distance'].values()) < 1e-5  # converted: at the identity
+    layer = report['layers']['layer1.0.conv1.0']
+    assert layer['num_groups'] == 64 and layer['mean_abs_cosine'] < 1e-5 and layer['sum_error'] < 1e-5
+    assert all(r['mean_abs_cosine'] < 1e-4 for r in report['compare_groups'])
+
+
+def test_analyze_a_1d_model_and_group_kernels_of_any_dimension(tmp_path):
+    """The group kernels of 1-D and 3-D layers sum to the dense kernel; the report runs on a 1-D network."""
+    from fdconv_zoo.apps.report import analyze
+    from fdconv_zoo.layers import FDConv1d, FDConv3d
+    torch.manual_seed(0)
+    for layer, shape in ((FDConv1d(24, 32, 5, num_freq_groups=8), (8, 32, 24, 5)),
+                         (FDConv3d(24, 32, (3, 1, 3), num_freq_groups=8), (8, 32, 24, 3, 1, 3))):
+        kernels = group_kernels(layer)
+        assert kernels.shape == shape
+        torch.testing.assert_close(kernels.sum(0), layer.fdw.static_weight(), atol=1e-6, rtol=1e-5)
+    from fdconv_zoo.apps.benchmark import build_pair
+    model = build_pair('sequence_resnet_fdconv')['fdconv']
+    with torch.no_grad():  # a band conv that reacts to the sequence: the band maps move
+        next(m for m in model.modules() if isinstance(m, FDConv1d) and m.fbm is not None).fbm.band_conv.weight.normal_(
+            0, 0.5)
+    out = analyze(model, tmp_path / 'r', inputs=torch.randn(2, 12, 200))
+    report = json.loads((out / 'report.json').read_text())
+    assert 'fbm.png' in report['figures'] and max(report['modulation_distance'].values()) > 0.05

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import FDConv2d, FDLinear
+from ..layers import FDConv1d, FDConv2d, FDConv3d, FDLinear
 from ..layers.fdw import matrix_to_weight, weight_to_matrix
 from ..models import stage_of
 
@@ -29,8 +29,9 @@ def representative_layers(layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
 
 
 def fdconv_layers(model: nn.Module, pattern: str | None = None) -> dict[str, FDConv2d | FDLinear]:
-    """The model's FDConv layers whose names match the glob ``pattern`` (all without one)."""
-    every = {n: m for n, m in model.named_modules() if isinstance(m, (FDConv2d, FDLinear))}
+    """The model's FDConv layers (any dimension, and FDLinear) whose names match the glob ``pattern`` (all
+    without one)."""
+    every = {n: m for n, m in model.named_modules() if isinstance(m, (FDConv1d, FDConv2d, FDConv3d, FDLinear))}
     if not every:
         raise ValueError(f"{type(model).__name__} has no FDConv layer")
     layers = {n: m for n, m in every.items() if fnmatch.fnmatch(n, pattern)} if pattern else every
@@ -51,7 +52,7 @@ def _mean_abs_off_diagonal(matrix: torch.Tensor) -> float:
 
 @torch.no_grad()
 def group_kernels(layer: FDConv2d | FDLinear) -> torch.Tensor:
-    """(n, Cout, Cg, k, k): the kernel of each frequency group alone (the inverse FFT of the spectrum restricted
+    """(n, Cout, Cg, *kernel): the kernel of each frequency group alone (the inverse FFT of the spectrum restricted
     to that group). They sum to the layer's dense kernel."""
     fdw = layer.fdw
     matrices = fdw(torch.eye(fdw.num_groups, device=fdw.spectrum.device))
@@ -140,10 +141,24 @@ def _layer_inputs(model: nn.Module, layers: dict[str, nn.Module], images: torch.
 
 @torch.no_grad()
 def per_sample_kernels(layer: FDConv2d | FDLinear, x: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
-    """(the per-sample kernels (B, Cout*k, Cg*k) with every attention applied, the KSM attention, the static
+    """(the per-sample kernels (B, Cout*kr, Cg*kc) with every attention applied, the KSM attention, the static
     kernel matrix) of a layer for its input ``x``, computed the way its forward does."""
     kernels, att = layer.per_sample_kernels(x)
-    return kernels, att, weight_to_matrix(layer.fdw.static_weight())
+    return kernels, att, weight_to_matrix(layer.fdw.static_weight(), len(layer.fdw.kernel_size))
+
+
+def edge_mask(inputs: torch.Tensor, size: tuple[int, ...], quantile: float = 0.8) -> torch.Tensor:
+    """(B, *size) bool: where an input's local contrast is above its ``quantile`` (per input), at ``size``. Images
+    (B, C, H, W) use the Sobel magnitude of the grey image; sequences and volumes the magnitude of the gradient
+    of the channel mean along every axis."""
+    if inputs.ndim == 4:
+        return sobel_edges(inputs, size, quantile)
+    mean = inputs.float().mean(1)
+    gradient = torch.stack(torch.gradient(mean, dim=tuple(range(1, mean.ndim)))).square().sum(0).sqrt()
+    mode = 'linear' if inputs.ndim == 3 else 'trilinear'
+    magnitude = F.interpolate(gradient[:, None], size=size, mode=mode, align_corners=False)[:, 0]
+    threshold = magnitude.flatten(1).quantile(quantile, dim=1).view(-1, *[1] * len(size))
+    return magnitude > threshold
 
 
 def sobel_edges(images: torch.Tensor, size: tuple[int, int], quantile: float = 0.8) -> torch.Tensor:
@@ -168,10 +183,11 @@ def _pca2(vectors: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def image_statistics(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor) -> dict[str, Any]:
-    """Per layer, over the images: the attention values (kernel per group, channel, filter, spatial), how far
-    the per-sample kernels are from the static one (the modulation distance: 0 at the identity), their mutual
-    cosine similarity and a 2-D PCA embedding, and for FBM layers the band maps with their means on edges
-    (Sobel magnitude above its 80th percentile) and on flat regions."""
+    """Per layer, over the images (or any model inputs: clips, volumes, sequences): the attention values
+    (kernel per group, channel, filter, spatial), how far the per-sample kernels are from the static one (the
+    modulation distance: 0 at the identity), their mutual cosine similarity and a 2-D PCA embedding, and for FBM
+    layers the band maps with their means on edges (local contrast above its 80th percentile, ``edge_mask``)
+    and on flat regions."""
     inputs = _layer_inputs(model, layers, images)
     stats: dict[str, Any] = {}
     for name, layer in layers.items():
@@ -188,7 +204,7 @@ def image_statistics(model: nn.Module, layers: dict[str, nn.Module], images: tor
         if layer.fbm is not None:
             x = inputs[name]
             bands = layer.fbm.band_scale(layer.operator_input(x))
-            edges = sobel_edges(images, tuple(bands.shape[-2:]))
+            edges = edge_mask(images, tuple(bands.shape[2:]))
             entry['fbm_bands'] = bands
             entry['fbm_edge_mean'] = [float(bands[:, j][edges].mean()) for j in range(bands.shape[1])]
             entry['fbm_flat_mean'] = [float(bands[:, j][~edges].mean()) for j in range(bands.shape[1])]

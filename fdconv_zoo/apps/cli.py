@@ -192,23 +192,48 @@ def export_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_inputs(path: str) -> torch.Tensor:
+    """A batch of model inputs saved as a tensor (.pt, torch.save) or an array (.npy)."""
+    import numpy as np
+    try:
+        if path.endswith('.npy'):
+            return torch.from_numpy(np.load(path)).float()
+        loaded = torch.load(path, map_location='cpu', weights_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"inputs {path} cannot be read ({e})") from None
+    if not isinstance(loaded, torch.Tensor):
+        raise ValueError(f"inputs {path} hold a {type(loaded).__name__}, expected one tensor (B, C, ...)")
+    return loaded.float()
+
+
 def analyze_cmd(args: argparse.Namespace) -> int:
     """The frequency picture of a model: report.py's PNGs, JSON and index.html."""
+    from ..conversion import convert_to_fdconv
     from .analysis import compare_groups
-    from .benchmark import dense_counterpart
+    from .benchmark import NETWORKS, build_pair, dense_counterpart
     from .report import analyze, summary_line
-    model = _load_model(args.model, args.no_pretrained)
-    arch = model.pretrained_cfg.get('architecture') or args.model.split('.')[0]
-    compare = None
-    if args.compare_groups:
+    inputs = _load_inputs(args.inputs) if args.inputs else None
+    sample_shape = None
+    if args.model in NETWORKS:  # converted from outside timm, random dense weights
+        net = NETWORKS[args.model]
+        torch.manual_seed(0)
+        model, sample_shape = build_pair(args.model)['fdconv'], net.sample_shape(net.default_size)
+
+        def build(n: int) -> torch.nn.Module:
+            torch.manual_seed(0)
+            return convert_to_fdconv(liven_(net.build()), num_freq_groups=n)
+    else:
+        model = _load_model(args.model, args.no_pretrained)
+        arch = model.pretrained_cfg.get('architecture') or args.model.split('.')[0]
+
         def build(n: int) -> torch.nn.Module:
             torch.manual_seed(0)
             dense = liven_(timm.create_model(dense_counterpart(arch)))
             fd = timm.create_model(arch, num_freq_groups=n)
             fd.load_state_dict(fdconv_checkpoint_filter(dense.state_dict(), fd))
             return fd
-        compare = compare_groups(build, args.compare_groups)
-    out = analyze(model, args.out, args.images, args.layers, compare)
+    compare = compare_groups(build, args.compare_groups) if args.compare_groups else None
+    out = analyze(model, args.out, args.images, args.layers, compare, inputs=inputs, sample_shape=sample_shape)
     print(summary_line(out))
     return 0
 
@@ -268,8 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--revision')
     p.set_defaults(func=info_cmd)
     p = sub.add_parser('analyze', help='frequency picture of an FDConv model: PNGs, JSON and index.html')
-    p.add_argument('model', help='zoo name or tag, hf-hub: id, or a folder written by save_for_hf or a training script')
+    p.add_argument('model', help='zoo name or tag, hf-hub: id, a folder written by save_for_hf or a training script, '
+                                 'or a network converted from outside timm (r3d_18_fdconv, r2plus1d_18_fdconv, '
+                                 'sequence_resnet_fdconv; random weights)')
     p.add_argument('--images', nargs='+', help='image files or folders for the per-image views')
+    p.add_argument('--inputs', help='a batch of model inputs (.pt tensor or .npy array: clips, volumes, sequences) '
+                                    'for the per-input views of a model that does not take images')
     p.add_argument('--layers', help="glob of layer names for the detailed pages (e.g. 'layer3.*'; default: the "
                                     "first FDConv layer of each stage)")
     p.add_argument('--out', required=True, help='output folder')

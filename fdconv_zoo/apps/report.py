@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..atomic import atomic_dir, write_bytes, write_json, write_text
+from ..layers import FDLinear
 from . import analysis
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
@@ -115,6 +116,40 @@ def _draw_groups(name: str, d: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
+def _slices(kernel: torch.Tensor) -> list[torch.Tensor]:
+    """A kernel of 1 to 3 axes as 2-D pictures: a 1-D kernel as a column, a 3-D one as its slices along the
+    first axis (time or depth)."""
+    if kernel.ndim == 1:
+        return [kernel[:, None]]
+    return [kernel] if kernel.ndim == 2 else list(kernel)
+
+
+def _draw_group_kernels(name: str, layer: nn.Module) -> bytes:
+    """Three group kernels and the dense kernel of one (output, input) channel pair, the strongest, drawn as
+    slices; they sum to the dense kernel."""
+    plt = _plt()
+    kernels = analysis.group_kernels(layer)
+    dense = layer.fdw.static_weight().detach()
+    flat = dense.flatten(2).norm(dim=2)
+    o, i = divmod(int(flat.argmax()), flat.shape[1])
+    n = kernels.shape[0]
+    rows = [(f'group {g}', kernels[g, o, i]) for g in dict.fromkeys((0, n // 2, n - 1))] + [('dense', dense[o, i])]
+    columns = len(_slices(dense[o, i]))
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns + 1, 2.2 * len(rows)), squeeze=False)
+    for r, (label, kernel) in enumerate(rows):
+        bound = float(kernel.abs().max()) or 1.0
+        for c, picture in enumerate(_slices(kernel)):
+            image = axes[r][c].imshow(picture.numpy(), cmap='coolwarm', vmin=-bound, vmax=bound)
+            axes[r][c].set_title(f'{label}' + (f', slice {c}' if columns > 1 else ''), fontsize=8)
+            axes[r][c].set_xticks([])
+            axes[r][c].set_yticks([])
+        fig.colorbar(image, ax=axes[r][-1])
+    fig.suptitle(f'{name}: kernel {tuple(layer.fdw.kernel_size)} of output channel {o}, input channel {i}',
+                 fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _draw_attention(stats: dict[str, Any]) -> bytes:
     plt = _plt()
     kinds = ['kernel_attention', 'channel_attention', 'filter_attention', 'spatial_attention']
@@ -167,6 +202,41 @@ def _draw_fbm(name: str, s: dict[str, Any], pixels: torch.Tensor) -> bytes:
     return _png(fig)
 
 
+def _draw_fbm_slices(name: str, s: dict[str, Any], inputs: torch.Tensor) -> bytes:
+    """FBM's band maps of the first input that is not an image: along the sequence for 1-D inputs, as slices
+    along the first axis (time or depth) over the input's channel mean for 3-D ones."""
+    plt = _plt()
+    bands, mean = s['fbm_bands'][0], inputs[0].float().mean(0)
+    j = bands.shape[0]
+    if bands.ndim == 2:  # (J, L)
+        fig, axes = plt.subplots(j, 1, figsize=(10, 2 * j), squeeze=False)
+        for b in range(j):
+            axes[b][0].plot(torch.linspace(0, 1, bands.shape[1]).numpy(), bands[b].numpy(), color='C3')
+            axes[b][0].set_ylim(0, 2)
+            axes[b][0].set_ylabel(f'band {b} scale')
+            twin = axes[b][0].twinx()
+            twin.plot(torch.linspace(0, 1, mean.shape[0]).numpy(), mean.numpy(), color='0.6', lw=0.6)
+            axes[b][0].set_title(f"band {b}: edge {s['fbm_edge_mean'][b]:.3f} / flat {s['fbm_flat_mean'][b]:.3f}",
+                                 fontsize=8)
+    else:  # (J, D, H, W)
+        depth = bands.shape[1]
+        picks = sorted(dict.fromkeys(round(t * (depth - 1) / 3) for t in range(4)))
+        fig, axes = plt.subplots(j, len(picks), figsize=(2.6 * len(picks), 2.6 * j), squeeze=False)
+        for b in range(j):
+            for c, t in enumerate(picks):
+                background = mean[round(t * (mean.shape[0] - 1) / max(depth - 1, 1))]
+                up = torch.nn.functional.interpolate(bands[b, t][None, None], size=tuple(background.shape),
+                                                     mode='bilinear')[0, 0]
+                axes[b][c].imshow(background.numpy(), cmap='gray')
+                axes[b][c].imshow(up.numpy(), cmap='coolwarm', vmin=0, vmax=2, alpha=0.6)
+                axes[b][c].set_title(f'band {b}, slice {t}', fontsize=8)
+                axes[b][c].axis('off')
+        fig.suptitle(f"{name}: edge / flat means per band: " + ', '.join(
+            f'{e:.3f}/{f:.3f}' for e, f in zip(s['fbm_edge_mean'], s['fbm_flat_mean'], strict=True)), fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _draw_compare(rows: list[dict[str, Any]]) -> bytes:
     plt = _plt()
     fig, a = plt.subplots(figsize=(6, 4))
@@ -183,8 +253,13 @@ def _draw_compare(rows: list[dict[str, Any]]) -> bytes:
 
 
 def analyze(model: nn.Module, out_dir: str | os.PathLike, image_paths: list[str] | None = None,
-            pattern: str | None = None, compare: list[dict[str, Any]] | None = None) -> Path:
-    """Write the report for ``model`` into ``out_dir`` (atomically): PNGs, report.json, index.html."""
+            pattern: str | None = None, compare: list[dict[str, Any]] | None = None,
+            inputs: torch.Tensor | None = None, sample_shape: tuple[int, ...] | None = None) -> Path:
+    """Write the report for ``model`` into ``out_dir`` (atomically): PNGs, report.json, index.html.
+
+    The per-input pages use ``image_paths`` (image models) or ``inputs``, a batch of model inputs of any kind
+    (clips, volumes, sequences: band maps drawn as slices); without either, a fixed random batch of
+    ``sample_shape`` (default: the timm model's input size) gives the modulation distance."""
     from tqdm.auto import tqdm
     model = model.eval()
     every = analysis.fdconv_layers(model)
@@ -198,8 +273,16 @@ def analyze(model: nn.Module, out_dir: str | os.PathLike, image_paths: list[str]
                       f'{name}: left, the share of each group kernel\'s energy per radial frequency (one line per '
                       'group: disjoint bands); middle, three groups\' spectra; right, the cosine similarity of the '
                       'group kernels (0 off the diagonal) beside random-init and dense+noise experts.'))
-    if image_paths:
-        images, pixels, names = load_images(image_paths, model)
+        if not isinstance(layer, FDLinear):
+            pages.append((f"kernels_{name.replace('.', '_')}.png", _draw_group_kernels(name, layer),
+                          f'{name}: the kernel of one channel pair (the strongest) split into three of its frequency '
+                          'groups and whole, drawn as slices along its first axis for 3-D kernels: the groups add '
+                          'up to the dense kernel, the low groups smooth, the high ones alternating.'))
+    if image_paths or inputs is not None:
+        if image_paths:
+            images, pixels, names = load_images(image_paths, model)
+        else:
+            images, pixels, names = inputs, None, [f'input {i}' for i in range(len(inputs))]
         stats = analysis.image_statistics(model, every, images)
         distance = analysis.modulation_distance(stats)
         shown = {n: stats[n] for n in chosen}
@@ -213,12 +296,14 @@ def analyze(model: nn.Module, out_dir: str | os.PathLike, image_paths: list[str]
                       'every image) and a 2-D PCA of them, one point per image.'))
         fbm = next((n for n in [*chosen, *every] if 'fbm_bands' in stats[n]), None)
         if fbm is not None:
-            pages.append(('fbm.png', _draw_fbm(fbm, stats[fbm], pixels),
+            drawn = _draw_fbm(fbm, stats[fbm], pixels) if pixels is not None else _draw_fbm_slices(
+                fbm, stats[fbm], images)
+            pages.append(('fbm.png', drawn,
                           f'{fbm}: FBM scale of each frequency band over each image, with its mean on edges (Sobel '
                           'magnitude above its 80th percentile) and on flat regions.'))
     else:  # the distance needs inputs: a fixed random batch stands in for images
         gen = torch.Generator().manual_seed(0)
-        size = model.pretrained_cfg.get('input_size', (3, 224, 224))
+        size = sample_shape or getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 224, 224))
         distance = analysis.modulation_distance(analysis.image_statistics(
             model, every, torch.randn((2, *size), generator=gen)))
     data['modulation_distance'] = distance

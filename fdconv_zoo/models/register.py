@@ -54,7 +54,7 @@ _build_lock = threading.RLock()
 def placement(fdconv_depthwise: bool = False, fdconv_attention: bool = False,
               fdconv_patch_embed: bool = False) -> Callable[[str, nn.Module], bool]:
     """Which layers become FDConv: the paper's rule (``conversion.reference_gate``: convolutions with
-    min(Cin, Cout) > 16 and k in {1, 3}, and the linears of MLP/FFN blocks), never inside squeeze-excitation,
+    min(Cin, Cout) > 16 and kernels 1 or 3 wide, and the linears of MLP/FFN blocks), never inside squeeze-excitation,
     shortcuts or heads, and without depthwise convolutions; ``fdconv_depthwise`` adds depthwise convolutions of
     any kernel size, ``fdconv_attention`` the qkv and output projections of attention, ``fdconv_patch_embed``
     the patch embedding."""

@@ -6,6 +6,6 @@ from .models import FDConvNeXt, FDResNet, FDSwinTransformer, register_fdconv
 
 __version__ = '0.1.0'
 __all__ = [
-    'FDConv1d', 'FDConv2d', 'FDConv3d', 'FDConvNeXt', 'FDLinear', 'FDResNet', 'FDSwinTransformer', '__version__', 'convert_to_fdconv',
-    'load_reference_checkpoint', 'reference_gate', 'register_fdconv', 'save_for_hf',
+    'FDConv1d', 'FDConv2d', 'FDConv3d', 'FDConvNeXt', 'FDLinear', 'FDResNet', 'FDSwinTransformer', '__version__',
+    'convert_to_fdconv', 'load_reference_checkpoint', 'reference_gate', 'register_fdconv', 'save_for_hf',
 ]

@@ -135,7 +135,8 @@ def test_analyze_a_3d_video_model_draws_kernels_and_band_maps_as_slices(tmp_path
         with Image.open(out / file) as png:
             assert png.size == (width, height) and width > 200 and height > 200
     # three slices of a 3x3x3 kernel side by side: wider than a 2-D kernel's one column of pictures
-    assert report['figures']['kernels_layer1_0_conv1_0.png'][0] > 2 * report['figures']['kernels_layer1_0_conv1_0.png'][1] / 4
+    width, height = report['figures']['kernels_layer1_0_conv1_0.png']
+    assert width > 450  # 3 slices of a 3x3x3 kernel side by side (one 3x3 picture would be about 230 wide)
     assert report['images'] == ['input 0', 'input 1']
     assert max(report['modulation_distance'].values()) < 1e-5  # converted: at the identity
     layer = report['layers']['layer1.0.conv1.0']

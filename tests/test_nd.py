@@ -70,16 +70,17 @@ def test_gradcheck_float64():
         layer = make().double()
         randomize_(layer, scale=0.3)
         x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-        spectrum = layer.fdw.spectrum
-        assert torch.autograd.gradcheck(lambda x_, s_: torch.func.functional_call(
-            layer, {'fdw.spectrum': s_}, (x_,)), (x, spectrum), eps=1e-6, atol=1e-5)
+        def call(x_, s_, layer=layer):
+            return torch.func.functional_call(layer, {'fdw.spectrum': s_}, (x_,))
+        assert torch.autograd.gradcheck(call, (x, layer.fdw.spectrum), eps=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize('dense', [
     nn.Conv1d(24, 32, 3, padding=1), nn.Conv1d(24, 32, 7, stride=3, padding=3, bias=False),
     nn.Conv1d(24, 24, 3, padding='same', dilation=3, groups=4), nn.Conv1d(24, 32, 4, padding='same'),
     nn.Conv1d(24, 32, 3, padding=1, padding_mode='circular'),
-    nn.Conv2d(24, 32, (3, 1), padding=(1, 0)), nn.Conv3d(24, 32, 3, padding=1), nn.Conv3d(24, 32, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
+    nn.Conv2d(24, 32, (3, 1), padding=(1, 0)),
+    nn.Conv3d(24, 32, 3, padding=1), nn.Conv3d(24, 32, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
     nn.Conv3d(24, 32, (3, 1, 1), padding=(1, 0, 0), bias=False), nn.Conv3d(24, 32, 1, stride=2),
     nn.Conv3d(24, 24, 3, padding=1, groups=24), nn.Conv3d(24, 32, 3, padding=1, padding_mode='replicate'),
     nn.Conv3d(24, 32, (2, 3, 3), padding='same'),

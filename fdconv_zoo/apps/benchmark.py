@@ -85,7 +85,8 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def sequence_resnet(in_channels: int = 12, num_classes: int = 10, widths: tuple[int, ...] = (64, 128, 256)) -> nn.Module:
+def sequence_resnet(in_channels: int = 12, num_classes: int = 10,
+                    widths: tuple[int, ...] = (64, 128, 256)) -> nn.Module:
     """The benchmark's 1-D network: a ResNet-18-like CNN for multichannel sequences (e.g. 12-lead ECG), a k7
     stem and two basic blocks of k3 convs per stage, each stage halving the length."""
 

@@ -20,7 +20,8 @@ from .ops import (
 )
 
 __all__ = [
-    'FBM', 'FDConv1d', 'FDConv2d', 'FDConv3d', 'FDLinear', 'FourierDisjointWeight', 'GlobalAttention', 'KSMGlobal', 'KSMLocal',
+    'FBM', 'FDConv1d', 'FDConv2d', 'FDConv3d', 'FDLinear', 'FourierDisjointWeight', 'GlobalAttention', 'KSMGlobal',
+    'KSMLocal',
     'check_grouping', 'dense_spectrum', 'fourier_basis', 'local_kernel_size', 'matrix_to_weight', 'native_kernels',
     'native_kernels_enabled', 'ops', 'radial_grouping', 'release_workspace', 'set_native_kernels', 'weight_to_matrix',
 ]

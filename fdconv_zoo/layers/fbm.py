@@ -1,7 +1,8 @@
 """Frequency Band Modulation (FBM), from "Frequency Dynamic Convolution for Dense Image Prediction" (CVPR 2025).
 
 The input map is split into frequency bands by nested low-pass masks (along each of its 1, 2 or 3 spatial axes);
-each band but the lowest is scaled by a spatial map 2*sigmoid(conv3x3(x)) shared by all channels. With all maps equal to 1 the input is unchanged.
+each band but the lowest is scaled by a spatial map 2*sigmoid(conv3x3(x)) shared by all channels. With all maps
+equal to 1 the input is unchanged.
 The band re-weighting itself is the operator ``fdconv::band_modulation`` (``ops``, where the masks become
 products with a real Fourier basis); this module holds the band convolutions that give the maps.
 """

@@ -2,9 +2,9 @@
 
 The learnable parameter is the 2-D real FFT of the dense kernel seen as a (Cout*kr, Cg*kc) matrix, scaled to be
 orthonormal (divided by sqrt(Cout*kr * Cg*kc)); a k x k kernel is a (Cout*k, Cg*k) matrix, and kernels of 1 or 3
-axes split as ``ops.synthesis.matrix_factors`` says (the last axis with the input channel). Its bins are split into ``n`` groups by radial frequency; a
-per-sample attention value per group scales each group, and the inverse FFT gives the per-sample kernel. With
-every attention value equal to 1 the kernel is the dense one.
+axes split as ``ops.synthesis.matrix_factors`` says (the last axis with the input channel). Its bins are split
+into ``n`` groups by radial frequency; a per-sample attention value per group scales each group, and the inverse
+FFT gives the per-sample kernel. With every attention value equal to 1 the kernel is the dense one.
 
 Why orthonormal: with the unnormalised FFT a step on the spectrum moves the kernel 1/N as far as the same
 step on a dense kernel under SGD (N = Cout*k * Cg*k, 36864 for a 64-channel 3x3 conv) and 1/sqrt(N) under

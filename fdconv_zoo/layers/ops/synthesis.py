@@ -1,7 +1,8 @@
 """Kernel synthesis: the math of ``fdconv::synthesize`` and of the kernels inside ``fdconv::dynamic_conv``.
 
 P = irfft2(spectrum * attention[group]) * sigmoid(local logits) * channel attention, per sample, as (B, Cout*kr,
-Cg*kc) weight matrices (``matrix_factors``); its adjoint gives the gradients of the spectrum, the attentions and the local branch.
+Cg*kc) weight matrices (``matrix_factors``); its adjoint gives the gradients of the spectrum, the attentions and
+the local branch.
 Each function takes the operator's backend choice (``fused``): the fused loops of ``native`` for float32, else
 whole-batch PyTorch (one 2-D FFT per call: the GPU path).
 """

@@ -133,6 +133,18 @@ def test_opcheck_every_operator(name, loops):
                               [kwargs['x'], kwargs['band_scale'], kwargs['cutoffs']])
 
 
+@pytest.mark.parametrize('name', list(CASES))
+def test_portable_decomposition_equals_the_operator(name):
+    """The export's decomposition (layers/ops/portable.py: real-valued FFTs as products, im2col from slices) on
+    every 1-D and 3-D geometry."""
+    from test_ops import _layer_inputs
+
+    from fdconv_zoo.layers.ops.portable import portable_dynamic_conv
+    layer, x = _case(name)
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in _layer_inputs(layer, x).values()]
+    assert rel_err(portable_dynamic_conv(*args), torch.ops.fdconv.dynamic_conv(*args)) < 1e-5
+
+
 @pytest.mark.parametrize('name', ['1d-fbm', '3d-fbm'])
 def test_compile_fullgraph_export_and_empty_batch(name):
     """torch.compile with fullgraph, torch.export with a free batch size, and a batch of 0 (forward and

@@ -1,7 +1,8 @@
 """FDConv's per-sample work as torch operators (``torch.ops.fdconv``): one seam for every backend.
 
 - ``fdconv::synthesize``: per-sample weight matrices P = irfft2(spectrum * attention[group]) * sigmoid(local
-  logits) * channel attention, (B, Cout*k, Cg*k); gradient ``fdconv::synthesize_backward``.
+  logits) * channel attention, (B, Cout*kr, Cg*kc) for a kernel of 1 to 3 axes (``synthesis.matrix_factors``: a
+  k x k kernel is (Cout*k, Cg*k)); gradient ``fdconv::synthesize_backward``.
 - ``fdconv::band_modulation``: FBM's band re-weighting of a map; gradient ``fdconv::band_modulation_backward``.
 - ``fdconv::dynamic_conv``: what an FDConv layer does per sample after its KSM heads: FBM, the kernels (as
   ``synthesize``), the convolution with them (or the token product for FDLinear), spatial and filter attention

@@ -97,7 +97,16 @@ def along(t: Tensor, dim: int, matrix: Tensor) -> Tensor:
 
 def low_passes(x: Tensor, cutoffs: list[int]) -> list[Tensor]:
     """LP_j x for every cut-off, x (B, C, *spatial) with 1 to 3 spatial axes: the Fourier coefficients of the
-    widest band are made once (one product per axis), every narrower band is a leading corner of them."""
+    widest band are made once (one product per axis), every narrower band is a leading corner of them.
+
+    Sequences take the FFT instead: the widest band keeps about half of a sequence's frequencies, so its basis
+    product costs O(L^2) per channel where the FFT costs O(L log L), and sequences are long. Keeping the first
+    ``kept_frequencies`` bins of the real FFT is the same projection as the basis (DC, then cos and sin)."""
+    if x.ndim == 3:
+        length = x.shape[-1]
+        counts = kept_frequencies(length, tuple(cutoffs))
+        spectrum = torch.fft.rfft(x, dim=-1)[..., :max(counts)]
+        return [torch.fft.irfft(spectrum[..., :count], n=length, dim=-1) for count in counts]
     bases = _bases(x, cutoffs)
     coeff = x
     for dim in reversed(range(len(bases))):
@@ -159,6 +168,8 @@ def band_flops(batch: int, channels: int, *sizes_and_cutoffs) -> int:
     """FLOPs of FBM's basis products (2 per multiply-add) on a (batch, channels, *sizes) map: the coefficients of
     the widest band, one product per axis, and each band made back from them."""
     *sizes, cutoffs = sizes_and_cutoffs
+    if len(sizes) == 1:  # sequences: one real FFT and one inverse per band (see low_passes)
+        return int(batch * channels * (1 + len(cutoffs)) * 2.5 * sizes[0] * math.log2(max(sizes[0], 2)))
     ranks = [max(basis_ranks(n, tuple(cutoffs))) for n in sizes]
 
     def products(start: list[int], end: list[int]) -> int:

@@ -149,6 +149,13 @@ def _reorder_scaled(matrix: Tensor, kernels: Tensor, spatial: Tensor, conv: Conv
     b, cout, cin = kernels.shape[:3]
     kr, kc = conv.kr, conv.kc
     matrix, kernels = matrix.view(b, cout, kr, cin, kc), kernels.view(b, cout, cin, kr, kc)
+    if kc == 1:  # 1-D kernels: runs of one element would make kr slow passes; one pass instead
+        scale = spatial.view(b, 1, 1, kr, 1)
+        if to_kernel_order:
+            torch.mul(matrix.transpose(2, 3), scale, out=kernels)
+        else:
+            torch.mul(kernels.transpose(2, 3), scale.transpose(2, 3), out=matrix)
+        return
     for r in range(kr):
         scale = spatial.view(b, 1, 1, kr, kc)[:, :, :, r]
         if to_kernel_order:

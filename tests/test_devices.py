@@ -17,7 +17,7 @@ from conftest import rel_err
 from naive import randomize_
 
 import fdconv_zoo  # noqa: F401  registers the models
-from fdconv_zoo import FDConv2d, FDLinear
+from fdconv_zoo import FDConv1d, FDConv2d, FDConv3d, FDLinear
 from fdconv_zoo.apps.benchmark import liven_
 from fdconv_zoo.layers import native_kernels
 
@@ -47,7 +47,11 @@ def _tolerance(dtype: torch.dtype) -> float:
     (lambda: FDConv2d(16, 24, 1, num_freq_groups=5), (2, 16, 5, 5)),  # 1x1: matrix product
     (lambda: FDConv2d(16, 24, 3, padding=1, groups=4, num_freq_groups=4), (2, 16, 6, 5)),  # groups > 1
     (lambda: FDLinear(16, 24, num_freq_groups=6), (2, 7, 16)),  # tokens
-], ids=['3x3', 'small-map', '1x1', 'groups', 'linear'])
+    (lambda: FDConv1d(16, 24, 3, padding=1, num_freq_groups=6), (2, 16, 11)),  # sequences: FBM by FFT
+    (lambda: FDConv3d(8, 12, 3, padding=1, num_freq_groups=6), (2, 8, 4, 6, 5)),  # volumes: FBM along 3 axes
+    (lambda: FDConv3d(8, 12, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), num_freq_groups=6),
+     (2, 8, 3, 7, 6)),  # R(2+1)D's spatial conv
+], ids=['3x3', 'small-map', '1x1', 'groups', 'linear', '1d', '3d', '3d-(1,3,3)'])
 def test_layer_and_gradients_match_the_cpu_reference(make, shape, device):
     """Outputs and every gradient on the device equal the CPU's PyTorch code in float32."""
     dev, dtype = device

@@ -258,3 +258,20 @@ def test_r2plus1d_factorised_convs_are_converted():
     assert not fbm  # FBM sits on kernels 3 wide along every axis; R(2+1)D has none
     assert all(m.fbm is not None for m in convert_to_fdconv(_r3d_18()).modules()
                if isinstance(m, FDConv3d) and m.kernel_size == (3, 3, 3))
+
+
+def test_meta_device_build_of_a_3d_network_matches():
+    """Built the way transformers, accelerate and FSDP build (meta device, to_empty, load, then the buffer pass
+    timm and transformers run): a converted 3-D network gives the same outputs."""
+    torch.manual_seed(0)
+    ref = convert_to_fdconv(_r3d_18()).eval()
+    with torch.device('meta'):
+        model = convert_to_fdconv(_r3d_18())
+    model.to_empty(device='cpu')
+    model.load_state_dict(ref.state_dict())
+    for m in model.modules():
+        if hasattr(m, 'init_non_persistent_buffers'):
+            m.init_non_persistent_buffers()
+    x = torch.randn(1, 3, 4, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), ref(x))

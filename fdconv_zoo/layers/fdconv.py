@@ -224,18 +224,8 @@ class _FrequencyDynamicLayer(nn.Module):
 
 
 class _FDConvNd(_FrequencyDynamicLayer):
-    """FDConv over ``dims`` spatial axes; constructor is nn.ConvNd's plus the FDConv options (keyword-only).
-
-    Args (FDConv options):
-        num_freq_groups: n, the number of radial frequency groups of the spectrum (paper: 64).
-        att_multi: range of the sigmoid attention, att_multi * sigmoid(z); 2 makes z = 0 the identity.
-        temperature, kernel_temperature: softness of the KSM heads and of the frequency-group attention.
-        reduction, min_hidden: KSM global hidden width max(int(Cin * reduction), min_hidden).
-        ksm_local: use the per-element local KSM branch.
-        fbm: frequency band modulation of the input; None means on for kernels 3 wide along every axis (the
-            paper's 3x3 placement).
-        fbm_cutoffs: low-pass cut-offs kappa of the FBM bands.
-    """
+    """FDConv over ``dims`` spatial axes; constructor is nn.ConvNd's plus the FDConv options (keyword-only, see
+    FDConv2d; ``fbm=None`` is on for kernels 3 wide along every axis, the paper's 3x3 placement)."""
 
     dims: int
     dense_type: type[nn.Module]

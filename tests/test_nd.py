@@ -275,3 +275,17 @@ def test_meta_device_build_of_a_3d_network_matches():
     x = torch.randn(1, 3, 4, 24, 24)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), ref(x))
+
+
+def test_dense_checkpoint_loads_into_a_converted_network():
+    """load_reference_checkpoint (the weight import behind timm's pretrained filter) takes a dense 1-D or 3-D
+    network's state dict: each conv's plain weight becomes its FDConv layer's spectrum, exactly."""
+    from fdconv_zoo import load_reference_checkpoint
+    for make, shape in ((_sequence_cnn, (2, 6, 64)), (_r3d_18, (1, 3, 4, 24, 24))):
+        torch.manual_seed(0)
+        dense = make().eval()
+        model = convert_to_fdconv(make()).eval()  # other random weights
+        load_reference_checkpoint(model, dense.state_dict())
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert rel_err(model(x), dense(x)) <= 1e-5

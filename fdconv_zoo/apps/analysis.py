@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import FDConv1d, FDConv2d, FDConv3d, FDLinear
+from ..layers import FDConv2d, FDLinear
 from ..layers.fdw import matrix_to_weight, weight_to_matrix
+from ..layers.weight_import import fdconv_modules
 from ..models import stage_of
 
 RADIAL_BINS = 48
@@ -31,7 +32,7 @@ def representative_layers(layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
 def fdconv_layers(model: nn.Module, pattern: str | None = None) -> dict[str, FDConv2d | FDLinear]:
     """The model's FDConv layers (any dimension, and FDLinear) whose names match the glob ``pattern`` (all
     without one)."""
-    every = {n: m for n, m in model.named_modules() if isinstance(m, (FDConv1d, FDConv2d, FDConv3d, FDLinear))}
+    every = fdconv_modules(model)
     if not every:
         raise ValueError(f"{type(model).__name__} has no FDConv layer")
     layers = {n: m for n, m in every.items() if fnmatch.fnmatch(n, pattern)} if pattern else every

@@ -110,7 +110,7 @@ def reference_to_native(
             weight = weight[:, :, None, None]
         if tuple(weight.shape) != layer.fdw.weight_shape:
             raise ValueError(f"key 'weight' has shape {tuple(weight.shape)}, expected {layer.fdw.weight_shape}")
-        spectrum = dense_spectrum(weight)
+        spectrum = dense_spectrum(weight, len(layer.fdw.kernel_size))
     else:
         raise CheckpointKeyError("reference state dict has neither 'dft_weight' nor 'weight'")
     native['fdw.spectrum'] = (spectrum / layer.fdw.scale).float().contiguous()
@@ -195,9 +195,9 @@ def load_reference_layer(
 
 
 def fdconv_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The FDConv layers of ``model`` by name."""
-    from .fdconv import FDConv2d, FDLinear
-    return {name: m for name, m in model.named_modules() if isinstance(m, (FDConv2d, FDLinear))}
+    """The FDConv layers of ``model`` (of any dimension, and FDLinear) by name."""
+    from .fdconv import _FrequencyDynamicLayer
+    return {name: m for name, m in model.named_modules() if isinstance(m, _FrequencyDynamicLayer)}
 
 
 def upgrade_native(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

@@ -117,20 +117,8 @@ def test_weight_matrix_layout_is_that_of_the_lower_dimensional_kernel():
 @pytest.mark.parametrize('name', ['1d-fbm', '1d-strided-groups', '3d-fbm', '3d-(3,1,1)-groups'])
 def test_opcheck_every_operator(name, loops):
     """torch.library.opcheck (schema, fake, registered autograd, AOT dispatch) on 1-D and 3-D inputs."""
-    from test_ops import _layer_inputs
-    layer, x = _case(name)
-    kwargs = _layer_inputs(layer, x)
-    args = list(kwargs.values())
-    torch.library.opcheck(torch.ops.fdconv.dynamic_conv.default, args)
-    y = torch.ops.fdconv.dynamic_conv(*args)
-    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    torch.library.opcheck(torch.ops.fdconv.dynamic_conv_backward.default, [torch.randn_like(y), *plain])
-    synthesis = [kwargs[n] for n in ('spectrum', 'group_index', 'attention', 'taps', 'windows', 'channel',
-                                     'kernel_size', 'groups')]
-    torch.library.opcheck(torch.ops.fdconv.synthesize.default, synthesis)
-    if kwargs['band_scale'] is not None:
-        torch.library.opcheck(torch.ops.fdconv.band_modulation.default,
-                              [kwargs['x'], kwargs['band_scale'], kwargs['cutoffs']])
+    from test_ops import opcheck_operators
+    opcheck_operators(*_case(name))
 
 
 @pytest.mark.parametrize('name', list(CASES))

@@ -51,7 +51,12 @@ def test_opcheck_every_operator(make, loops):
     torch.manual_seed(0)
     layer = make()
     randomize_(layer, scale=0.3)
-    kwargs = _layer_inputs(layer, torch.randn(2, 16, 6, 5))
+    opcheck_operators(layer, torch.randn(2, 16, 6, 5))
+
+
+def opcheck_operators(layer: torch.nn.Module, x: torch.Tensor) -> None:
+    """torch.library.opcheck of every fdconv operator on the arguments ``layer`` hands them for input ``x``."""
+    kwargs = _layer_inputs(layer, x)
     args = list(kwargs.values())
     torch.library.opcheck(torch.ops.fdconv.dynamic_conv.default, args)
     y = ops.dynamic_conv(*args)

@@ -66,6 +66,11 @@ class Conv:
         shape[0], shape[2 if self.tokens else 1] = y.shape[0], self.out_channels
         return shape
 
+    @property
+    def subsamples(self) -> bool:
+        """A strided 1x1 convolution done as a matrix product: it reads every stride-th position."""
+        return self.matmul and not self.tokens and any(s != 1 for s in self.stride)
+
     def subsampled(self, t: Tensor) -> Tensor:
         """The positions a strided 1x1 (matmul) convolution reads."""
         return t[(slice(None), slice(None), *(slice(None, None, s) for s in self.stride))]
@@ -111,14 +116,14 @@ def _kernel_input(x: Tensor, band_scale: Tensor | None, cutoffs: list[int], conv
         inp = band_modulation(x.to(dtype), band_scale.to(dtype), cutoffs, fused).to(x.dtype)
     if conv.pre_pad:
         inp = F.pad(inp, conv.pre_pad, mode='constant' if conv.padding_mode == 'zeros' else conv.padding_mode)
-    if conv.matmul and not conv.tokens and any(s != 1 for s in conv.stride):
+    if conv.subsamples:
         inp = conv.subsampled(inp)
     return inp
 
 
 def _kernel_input_backward(grad: Tensor, x: Tensor, band_scale: Tensor | None, cutoffs: list[int],
                            conv: Conv) -> tuple[Tensor, Tensor | None]:
-    if conv.matmul and not conv.tokens and any(s != 1 for s in conv.stride):
+    if conv.subsamples:
         full = grad.new_zeros(*grad.shape[:2], *x.shape[2:])
         conv.subsampled(full).copy_(grad)
         grad = full
